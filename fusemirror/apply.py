@@ -1,0 +1,229 @@
+"""The replica's side of replication: applies operations to its backing tree.
+
+Operations name directories and files by their path relative to the root, except
+operations on open files, which name the handle that an earlier OPEN or CREATE
+bound to a descriptor here (so writes to an unlinked or renamed open file land in
+the right inode). Each apply returns what the kernel's caches of the replica's own
+mount must forget, as ("entry", parent_ino, name), ("attr", ino) or ("data", ino),
+with backing inode numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+from . import protocol as P
+from . import sysops
+from .tree import STRIP_FLAGS, O_PATH_FLAGS, make_node
+
+log = logging.getLogger(__name__)
+K = P.Kind
+
+
+def apply_setattr(fd: int, fields: int, *, mode: int = 0, uid: int = -1, gid: int = -1,
+                  size: int = 0, atime: int = 0, mtime: int = 0, writable: int | None = None,
+                  is_symlink: bool = False) -> None:
+    """Change attributes of the inode behind fd (O_PATH is fine), in a fixed order
+    so that both nodes end up equal: size, owner, mode, times. writable is an open
+    descriptor to truncate through, if the caller has one."""
+    if fields & P.ATTR_SIZE:
+        if writable is not None:
+            os.ftruncate(writable, size)
+        else:
+            os.truncate(sysops.proc_path(fd), size)
+    if fields & (P.ATTR_UID | P.ATTR_GID):
+        sysops.chown_fd(fd, uid if fields & P.ATTR_UID else -1, gid if fields & P.ATTR_GID else -1)
+    if fields & P.ATTR_MODE and not is_symlink:
+        os.chmod(sysops.proc_path(fd), stat.S_IMODE(mode))
+    sysops.set_times(fd, atime if fields & P.ATTR_ATIME else None,
+                     mtime if fields & P.ATTR_MTIME else None)
+
+
+class Applier:
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        self.handles: dict[int, int] = {}
+
+    def close(self) -> None:
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()
+
+    # --- helpers ---------------------------------------------------------------
+    def _dir(self, path: bytes) -> int:
+        if path == b".":
+            return os.dup(self.root_fd)
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+
+    def _node(self, path: bytes) -> int:
+        if path == b".":
+            return os.dup(self.root_fd)
+        return os.open(path, O_PATH_FLAGS, dir_fd=self.root_fd)
+
+    def _xattr_path(self, path: bytes) -> bytes:
+        return sysops.proc_path(self.root_fd).encode() + b"/" + path
+
+    def _handle(self, h: int) -> int:
+        try:
+            return self.handles[h]
+        except KeyError:
+            raise OSError(9, f"no open handle {h}") from None
+
+    def _in_dir(self, parent: bytes, pmtime: int, fn) -> list:
+        dfd = self._dir(parent)
+        try:
+            inval = fn(dfd)
+            sysops.set_times(dfd, None, pmtime)
+            pino = os.fstat(dfd).st_ino
+        finally:
+            os.close(dfd)
+        return inval + [("attr", pino)]
+
+    # --- apply -----------------------------------------------------------------
+    def apply(self, m: P.Message) -> list:
+        """Apply one operation (raises OSError when it cannot)."""
+        return getattr(self, "_" + m.kind.name.lower())(m)
+
+    def _ping(self, m):
+        return []
+
+    def _open(self, m):
+        fd = os.open(m.path, (m.flags & ~STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     dir_fd=self.root_fd)
+        self._bind(m.handle, fd)
+        if m.flags & os.O_TRUNC:
+            sysops.set_times(fd, None, m.mtime)
+            return [("data", os.fstat(fd).st_ino)]
+        return []
+
+    def _bind(self, handle: int, fd: int) -> None:
+        old = self.handles.pop(handle, None)
+        if old is not None:
+            os.close(old)
+        self.handles[handle] = fd
+
+    def _create(self, m):
+        def create(dfd):
+            fd = make_node(dfd, m.name, "file", mode=m.mode, flags=m.flags | os.O_TRUNC,
+                           uid=m.uid, gid=m.gid)
+            sysops.set_times(fd, None, m.mtime)
+            self._bind(m.handle, fd)
+            return [("entry", os.fstat(dfd).st_ino, m.name)]
+        return self._in_dir(m.parent, m.pmtime, create)
+
+    def _write(self, m):
+        fd = self._handle(m.handle)
+        view = memoryview(m.data)
+        off = m.offset
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n
+        sysops.set_times(fd, None, m.mtime)
+        return [("data", os.fstat(fd).st_ino)]
+
+    def _release(self, m):
+        fd = self.handles.pop(m.handle, None)
+        if fd is not None:
+            os.close(fd)
+        return []
+
+    def _fsync(self, m):
+        fd = self._handle(m.handle)
+        (os.fdatasync if m.datasync else os.fsync)(fd)
+        return []
+
+    def _fsyncdir(self, m):
+        fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd) \
+            if m.path != b"." else os.open(sysops.proc_path(self.root_fd), os.O_RDONLY)
+        try:
+            (os.fdatasync if m.datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)
+        return []
+
+    def _setattr(self, m):
+        fd = self._handle(m.handle) if m.handle else self._node(m.path)
+        try:
+            st = os.fstat(fd)
+            writable = fd if m.handle else None
+            apply_setattr(fd, m.mask, mode=m.mode, uid=m.uid, gid=m.gid, size=m.size,
+                          atime=m.atime, mtime=m.mtime, writable=writable,
+                          is_symlink=stat.S_ISLNK(st.st_mode))
+        finally:
+            if not m.handle:
+                os.close(fd)
+        return [("data" if m.mask & P.ATTR_SIZE else "attr", st.st_ino)]
+
+    def _mknod(self, m):
+        return self._new(m, "node", mode=m.mode, rdev=m.rdev)
+
+    def _mkdir(self, m):
+        return self._new(m, "dir", mode=m.mode)
+
+    def _symlink(self, m):
+        return self._new(m, "symlink", target=m.target)
+
+    def _new(self, m, kind, **kw):
+        def new(dfd):
+            make_node(dfd, m.name, kind, uid=m.uid, gid=m.gid, **kw)
+            sysops.set_times(dfd, None, m.mtime, m.name)
+            return [("entry", os.fstat(dfd).st_ino, m.name)]
+        return self._in_dir(m.parent, m.pmtime, new)
+
+    def _link(self, m):
+        def link(dfd):
+            os.link(m.source, m.name, src_dir_fd=self.root_fd, dst_dir_fd=dfd,
+                    follow_symlinks=False)
+            st = os.stat(m.name, dir_fd=dfd, follow_symlinks=False)
+            return [("entry", os.fstat(dfd).st_ino, m.name), ("attr", st.st_ino)]
+        return self._in_dir(m.parent, m.pmtime, link)
+
+    def _unlink(self, m):
+        def unlink(dfd):
+            st = os.stat(m.name, dir_fd=dfd, follow_symlinks=False)
+            os.unlink(m.name, dir_fd=dfd)
+            return [("entry", os.fstat(dfd).st_ino, m.name), ("attr", st.st_ino)]
+        return self._in_dir(m.parent, m.pmtime, unlink)
+
+    def _rmdir(self, m):
+        def rmdir(dfd):
+            os.rmdir(m.name, dir_fd=dfd)
+            return [("entry", os.fstat(dfd).st_ino, m.name)]
+        return self._in_dir(m.parent, m.pmtime, rmdir)
+
+    def _rename(self, m):
+        src = self._dir(m.parent_old)
+        try:
+            dst = self._dir(m.parent_new)
+            try:
+                replaced = None
+                try:
+                    replaced = os.stat(m.name_new, dir_fd=dst, follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    pass
+                sysops.rename(src, m.name_old, dst, m.name_new, m.flags)
+                sysops.set_times(src, None, m.pmtime_old)
+                sysops.set_times(dst, None, m.pmtime_new)
+                sino, dino = os.fstat(src).st_ino, os.fstat(dst).st_ino
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        inval = [("entry", sino, m.name_old), ("entry", dino, m.name_new),
+                 ("attr", sino), ("attr", dino)]
+        if replaced is not None:
+            inval.append(("attr", replaced))
+        return inval
+
+    def _setxattr(self, m):
+        os.setxattr(self._xattr_path(m.path), m.name, m.value, follow_symlinks=False)
+        return self._attr_of(m.path)
+
+    def _removexattr(self, m):
+        os.removexattr(self._xattr_path(m.path), m.name, follow_symlinks=False)
+        return self._attr_of(m.path)
+
+    def _attr_of(self, path: bytes) -> list:
+        return [("attr", os.stat(path, dir_fd=self.root_fd, follow_symlinks=False).st_ino)]

@@ -1,0 +1,370 @@
+"""The primary's end of replication: sends operations in order, collects acknowledgements,
+and applies the peer-loss policy.
+
+Every mutating operation gets the next sequence number and is sent on one TCP
+connection; many can be in flight at once (one per FUSE request being served),
+bounded by MAX_IN_FLIGHT. The replica applies them in order and acknowledges each
+after applying it. A caller learns the outcome with finish():
+
+- acknowledged with errno 0: the peer has it;
+- the peer could not apply it, or the link is gone: the peer is marked out of date
+  in the state file *before* any caller is answered; then, with policy "alone",
+  the caller goes on (the change is local only and journaled), with policy "block"
+  the caller waits up to `timeout` for the link to come back (the unacknowledged
+  operations are resent on the resumed session), and fails with PeerError after.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+
+import trio
+
+from . import protocol as P
+from .statefile import StateFile
+from .wire import FrameStream, HandshakeRefused, LinkClosed, client_handshake
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 256
+PING_INTERVAL = 1.0
+RECONNECT_INTERVAL = 0.2
+
+
+class Policy(str, enum.Enum):
+    BLOCK = "block"
+    ALONE = "alone"
+
+
+class PeerError(Exception):
+    """The operation could not be confirmed by the peer (maps to EIO)."""
+
+
+class PeerUnreachable(Exception):
+    pass
+
+
+class Link(str, enum.Enum):
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    OUTDATED = "outdated"      # peer's copy is not good; nothing is replicated
+    CLOSED = "closed"
+
+
+class Pending:
+    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent")
+
+    def __init__(self, seq: int, parts: list):
+        self.seq = seq
+        self.parts = parts
+        self.done = trio.Event()
+        self.errno = 0
+        self.lost = False
+        self.chunks: list[bytes] | None = None
+        self.sent = time.monotonic()
+
+
+class Mirror:
+    def __init__(self, peer: tuple[str, int], secret: bytes, state: StateFile, *,
+                 policy: Policy = Policy.BLOCK, timeout: float = 10.0, label: bytes = b"",
+                 versions: tuple[int, int] = (P.PROTOCOL_MIN, P.PROTOCOL_MAX),
+                 on_outdated=None):
+        self.peer = peer
+        self.secret = secret
+        self.state = state
+        self.policy = policy
+        self.timeout = timeout
+        self.label = label
+        self.versions = versions
+        self.on_outdated = on_outdated
+        self.session = int.from_bytes(os.urandom(8), "little") or 1
+        self.link = Link.CLOSED
+        self._fs: FrameStream | None = None
+        self._seq = 0
+        self._pending: dict[int, Pending] = {}
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._changed = trio.Event()      # set on every change of self.link
+        self._lost_at = 0.0
+        self._connected_once = trio.Event()
+        self._wake_reader = trio.Event()
+        self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0}
+
+    # --- connecting ----------------------------------------------------------
+    async def _open(self) -> tuple[FrameStream, P.Message]:
+        host, port = self.peer
+        try:
+            with trio.fail_after(max(1.0, min(self.timeout, 5.0))):
+                stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as e:
+            raise PeerUnreachable(f"cannot reach peer {host}:{port}: "
+                                  f"{getattr(e, 'strerror', None) or e or 'timed out'}") from None
+        fs = FrameStream(stream)
+        try:
+            with trio.fail_after(max(1.0, self.timeout)):
+                welcome = await client_handshake(fs, self.secret, self.session, self.label,
+                                                 self.versions)
+        except (LinkClosed, P.ProtocolError, trio.TooSlowError) as e:
+            await fs.aclose()
+            raise PeerUnreachable(f"handshake with {host}:{port} failed: {e or 'timed out'}") \
+                from None
+        except HandshakeRefused:
+            await fs.aclose()
+            raise
+        return fs, welcome
+
+    async def connect(self) -> None:
+        """First connection; raises PeerUnreachable or HandshakeRefused."""
+        fs, welcome = await self._open()
+        self._fs = fs
+        if not welcome.uptodate or self.state.get("peer_outdated"):
+            reason = self.state.get("reason") or "the peer reports its copy is out of date"
+            self.state.mark_peer_outdated(reason)
+            self._set(Link.OUTDATED)
+            log.error("peer %s:%s is OUT OF DATE (%s): nothing is replicated until it is "
+                      "resynchronised", *self.peer, reason)
+        else:
+            self._set(Link.CONNECTED)
+            log.info("replicating to %s:%s (session %016x, protocol %d)", *self.peer,
+                     self.session, fs.version)
+
+    def _set(self, link: Link) -> None:
+        if link != self.link:
+            self.link = link
+            self._changed.set()
+            self._changed = trio.Event()
+
+    # --- background tasks ----------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watchdog)
+            task_status.started()
+            while self.link != Link.CLOSED:
+                if self.link in (Link.CONNECTED, Link.OUTDATED) and self._fs is not None:
+                    await self._read(self._fs)
+                elif self.link == Link.RECONNECTING:
+                    await self._reconnect()
+                else:
+                    await self._changed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _read(self, fs: FrameStream) -> None:
+        try:
+            while True:
+                msg = await fs.receive()
+                if msg.kind == P.Kind.ACK:
+                    self._acked(msg.seq, msg.errno)
+                elif msg.kind == P.Kind.MANIFEST:
+                    p = self._pending.get(msg.seq)
+                    if p is not None:
+                        p.chunks = (p.chunks or []) + [msg.chunk]
+                        if msg.last:
+                            self._acked(msg.seq, 0)
+                elif msg.kind == P.Kind.BYE:
+                    raise LinkClosed("peer said goodbye")
+                else:
+                    raise P.ProtocolError(f"unexpected {msg.kind.name} from replica")
+        except (LinkClosed, P.ProtocolError) as e:
+            if fs is self._fs and self.link != Link.CLOSED:
+                await self._lost(str(e))
+
+    def _acked(self, seq: int, errno: int) -> None:
+        p = self._pending.pop(seq, None)
+        if p is None:
+            return
+        self.stats["acks"] += 1
+        self.stats["last_rtt_us"] = int((time.monotonic() - p.sent) * 1e6)
+        p.errno = errno
+        p.done.set()
+        self._slots.release()
+
+    async def _watchdog(self) -> None:
+        """Declares the link lost when the oldest operation waits longer than the timeout
+        (a frozen or unreachable peer), and keeps an idle link tested with PING."""
+        while True:
+            await trio.sleep(min(PING_INTERVAL, self.timeout / 4))
+            if self.link != Link.CONNECTED:
+                continue
+            now = time.monotonic()
+            oldest = min((p.sent for p in self._pending.values()), default=None)
+            if oldest is not None and now - oldest > self.timeout:
+                await self._lost(f"no acknowledgement for {self.timeout:g}s")
+            elif oldest is None:
+                p = await self.begin(P.Kind.PING, {})
+                if p is not None:
+                    p.done.set()  # nobody waits for a ping; its ack still proves liveness
+
+    async def _lost(self, reason: str) -> None:
+        if self.link not in (Link.CONNECTED, Link.OUTDATED):
+            return
+        fs, self._fs = self._fs, None
+        if fs is not None:
+            await fs.aclose()
+        if self.link == Link.OUTDATED:
+            log.warning("connection to out-of-date peer %s:%s lost: %s", *self.peer, reason)
+            self._set(Link.CLOSED)
+            self._release_all()
+            return
+        if self.policy == Policy.ALONE:
+            await self._outdate(f"peer lost: {reason}")
+        else:
+            log.error("peer %s:%s lost (%s): writes wait up to %gs for it to come back",
+                      *self.peer, reason, self.timeout)
+            self._lost_at = time.monotonic()
+            self._set(Link.RECONNECTING)
+
+    async def _outdate(self, reason: str) -> None:
+        """The peer's copy is no longer good: record it durably, then release waiters."""
+        await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
+        log.error("PEER OUT OF DATE: %s; the mount goes on %s", reason,
+                  "alone, recording what changes" if self.policy == Policy.ALONE
+                  else "refusing writes (policy block)")
+        if self.on_outdated is not None:
+            self.on_outdated()
+        if self._fs is None:
+            self._set(Link.CLOSED if self.policy == Policy.ALONE else Link.OUTDATED)
+        else:
+            self._set(Link.OUTDATED)
+        self._release_all()
+
+    def _release_all(self) -> None:
+        for seq in sorted(self._pending):
+            p = self._pending.pop(seq)
+            p.lost = True
+            p.done.set()
+            self._slots.release()
+
+    async def _reconnect(self) -> None:
+        deadline = self._lost_at + self.timeout
+        while time.monotonic() < deadline and self.link == Link.RECONNECTING:
+            try:
+                fs, welcome = await self._open()
+            except (PeerUnreachable, HandshakeRefused) as e:
+                log.debug("reconnect failed: %s", e)
+                await trio.sleep(RECONNECT_INTERVAL)
+                continue
+            if not welcome.resumed or not welcome.uptodate:
+                await fs.aclose()
+                await self._outdate("the peer came back without our session")
+                return
+            async with self._send_lock:
+                try:
+                    for seq in sorted(self._pending):
+                        await fs.send_parts(self._pending[seq].parts)
+                except LinkClosed:
+                    await fs.aclose()
+                    continue
+                self._fs = fs
+            self.stats["reconnects"] += 1
+            log.warning("peer %s:%s is back; %d operations resent", *self.peer,
+                        len(self._pending))
+            self._set(Link.CONNECTED)
+            return
+        if self.link == Link.RECONNECTING:
+            await self._outdate(f"peer did not come back within {self.timeout:g}s")
+
+    # --- the data path -------------------------------------------------------
+    async def ready(self) -> bool:
+        """Call before applying a change locally. True: replicate it. False: the peer
+        is out of date and the policy lets the change go on alone (journal it).
+        Raises PeerError when the policy is block and no good peer is there."""
+        while True:
+            link = self.link
+            if link == Link.CONNECTED:
+                return True
+            if link == Link.RECONNECTING:
+                left = self._lost_at + self.timeout - time.monotonic() + 1.0
+                with trio.move_on_after(max(left, 0.1)):
+                    await self._changed.wait()
+                continue
+            if self.policy == Policy.ALONE:
+                return False
+            raise PeerError("peer out of date")
+
+    async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> Pending | None:
+        """Send one operation; None when the peer is not being replicated to."""
+        if self.link not in (Link.CONNECTED, Link.RECONNECTING):
+            return None
+        prepared = P.Prepared(kind, fields, compress)
+        await self._slots.acquire()
+        async with self._send_lock:
+            self._seq += 1
+            seq = self._seq
+            parts = prepared.stamp(seq)
+            p = Pending(seq, parts)
+            self._pending[seq] = p
+            self.stats["ops"] += 1
+            self.stats["bytes"] += sum(len(x) for x in parts)
+            if self.link == Link.CONNECTED and self._fs is not None:
+                try:
+                    await self._fs.send_parts(parts)
+                except LinkClosed as e:
+                    fs = self._fs
+                    trio.lowlevel.spawn_system_task(self._lost_later, fs, str(e))
+        return p
+
+    async def _lost_later(self, fs, reason):
+        if fs is self._fs:
+            await self._lost(reason)
+
+    async def finish(self, p: Pending | None) -> None:
+        """Wait for the outcome of an operation (see the module docstring)."""
+        if p is None:
+            return
+        await p.done.wait()
+        if p.errno:
+            log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))
+            if self.link == Link.CONNECTED:
+                await self._outdate(f"peer could not apply a change ({os.strerror(p.errno)})")
+            if self.policy == Policy.BLOCK:
+                raise PeerError(os.strerror(p.errno))
+        elif p.lost and self.policy == Policy.BLOCK:
+            raise PeerError("peer lost")
+
+    async def call(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> None:
+        await self.finish(await self.begin(kind, fields, compress=compress))
+
+    async def manifest(self) -> bytes:
+        """The peer's manifest of its copy (JSON lines)."""
+        if self.link not in (Link.CONNECTED, Link.OUTDATED) or self._fs is None:
+            raise PeerError("not connected to the peer")
+        await self._slots.acquire()
+        async with self._send_lock:
+            self._seq += 1
+            p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}))
+            p.sent = float("inf")  # hashing a big tree may take longer than the timeout
+            self._pending[p.seq] = p
+            await self._fs.send_parts(p.parts)
+        await p.done.wait()
+        if p.lost or p.chunks is None:
+            raise PeerError("peer lost while building its manifest")
+        return b"".join(p.chunks)
+
+    async def drain(self) -> None:
+        """Wait until every operation sent so far is acknowledged (or given up)."""
+        while self._pending:
+            last = max(self._pending)
+            await self._pending[last].done.wait()
+
+    async def close(self) -> None:
+        with trio.move_on_after(self.timeout):
+            await self.drain()
+        fs, self._fs = self._fs, None
+        self._set(Link.CLOSED)
+        self._release_all()
+        if fs is not None:
+            try:
+                with trio.move_on_after(1):
+                    await fs.send(P.Kind.BYE)
+            except LinkClosed:
+                pass
+            await fs.aclose()
+
+    def status(self) -> dict:
+        return {"peer": "%s:%d" % self.peer, "link": self.link.value, "policy": self.policy.value,
+                "session": "%016x" % self.session, "in_flight": len(self._pending),
+                "peer_outdated": bool(self.state.get("peer_outdated")), **self.stats}
+

@@ -1,0 +1,228 @@
+"""The replica's end of replication: accepts the primary, applies its stream in order.
+
+One primary at a time. Each operation is checked (checksum) before it is
+applied and acknowledged after it is applied (after fsync for FSYNC). A frame
+that fails its checksum, or a stream that breaks the protocol, is never applied:
+the connection is dropped and this copy is marked out of date.
+
+A session (chosen by the primary) survives a broken connection: when the same
+primary reconnects it resends what was not acknowledged, and operations already
+applied are acknowledged again without being applied twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno as E
+import logging
+import os
+
+import trio
+
+from . import protocol as P
+from .apply import Applier
+from .statefile import StateFile
+from .wire import FrameStream, LinkClosed, refuse
+
+log = logging.getLogger(__name__)
+
+_RECENT = 4096          # acknowledgements remembered for a resumed session
+_FSYNC_KINDS = (P.Kind.FSYNC, P.Kind.FSYNCDIR)
+
+
+class Session:
+    def __init__(self, sid: int, root_fd: int):
+        self.sid = sid
+        self.last_seq = 0
+        self.applier = Applier(root_fd)
+        self.recent: collections.OrderedDict[int, int] = collections.OrderedDict()
+
+    def remember(self, seq: int, err: int) -> None:
+        self.last_seq = seq
+        self.recent[seq] = err
+        while len(self.recent) > _RECENT:
+            self.recent.popitem(last=False)
+
+
+class ReplicaServer:
+    def __init__(self, root_fd: int, secret: bytes, state: StateFile, *, invalidate=None,
+                 manifest=None, versions=(P.PROTOCOL_MIN, P.PROTOCOL_MAX), timeout: float = 10.0):
+        self.root_fd = root_fd
+        self.secret = secret
+        self.state = state
+        self.invalidate = invalidate      # async callable(list of invalidations)
+        self.manifest = manifest          # sync callable() -> bytes, run in a thread
+        self.versions = versions
+        self.timeout = timeout
+        self.session: Session | None = None
+        self.connected = False
+        self.primary = ""
+        self._current: FrameStream | None = None
+        self._lock = trio.Lock()
+        self.stats = {"ops": 0, "bytes": 0, "refused": 0, "corrupt": 0}
+        self._listeners = []
+
+    async def listen(self, host: str, port: int) -> None:
+        self._listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.serve_listeners(self._handle, self._listeners)
+
+    async def close(self) -> None:
+        for lst in self._listeners:
+            await lst.aclose()
+        if self._current is not None:
+            await self._current.aclose()
+        if self.session is not None:
+            self.session.applier.close()
+            self.session = None
+
+    async def _handle(self, stream) -> None:
+        fs = FrameStream(stream)
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        try:
+            with trio.fail_after(self.timeout):
+                sid = await self._handshake(fs, peer)
+        except (LinkClosed, P.ProtocolError, trio.TooSlowError) as e:
+            log.warning("handshake with %s failed: %s", peer, e or "timed out")
+            await fs.aclose()
+            return
+        if sid is None:
+            await fs.aclose()
+            return
+        # A newer connection replaces an older one (the old one may be half-open).
+        old, self._current = self._current, fs
+        if old is not None:
+            await old.aclose()
+        async with self._lock:
+            if self._current is not fs:
+                return
+            self.connected, self.primary = True, peer
+            try:
+                await self._serve(fs)
+            finally:
+                if self._current is fs:
+                    self.connected = False
+                await fs.aclose()
+
+    async def _handshake(self, fs: FrameStream, peer: str) -> int | None:
+        hello = await fs.receive()
+        if hello.kind != P.Kind.HELLO:
+            raise P.ProtocolError(f"expected HELLO, got {hello.kind.name}")
+        version = P.choose_version(hello.version_min, hello.version_max, *self.versions)
+        if version is None:
+            self.stats["refused"] += 1
+            log.error("refused %s: it speaks protocol versions %d-%d, this node %d-%d",
+                      peer, hello.version_min, hello.version_max, *self.versions)
+            await refuse(fs, P.Refusal.VERSION, "no common protocol version (replica speaks "
+                         "%d-%d)" % tuple(self.versions))
+            return None
+        nonce = os.urandom(P.NONCE_SIZE)
+        await fs.send(P.Kind.CHALLENGE, 0, dict(
+            version=version, nonce=nonce,
+            proof=P.proof(self.secret, b"replica", hello.nonce, nonce)))
+        fs.version = version
+        auth = await fs.receive()
+        if auth.kind != P.Kind.AUTH or not P.check_proof(self.secret, b"primary", nonce,
+                                                          hello.nonce, auth.proof):
+            self.stats["refused"] += 1
+            log.error("refused %s: authentication failed (wrong secret?)", peer)
+            await refuse(fs, P.Refusal.AUTH, "authentication failed")
+            return None
+        resumed = self.session is not None and self.session.sid == hello.session
+        if not resumed:
+            if self.session is not None:
+                self.session.applier.close()
+            self.session = Session(hello.session, self.root_fd)
+        uptodate = self.state.get("uptodate", True)
+        await fs.send(P.Kind.WELCOME, 0, dict(last_seq=self.session.last_seq,
+                                              resumed=int(resumed), uptodate=int(uptodate)))
+        log.info("primary %s %s session %016x (protocol %d, label %r)", peer,
+                 "resumed" if resumed else "started", hello.session, version,
+                 hello.label.decode(errors="replace"))
+        return hello.session
+
+    async def _serve(self, fs: FrameStream) -> None:
+        s = self.session
+        while True:
+            try:
+                msg = await fs.receive()
+            except LinkClosed as e:
+                log.warning("primary connection lost: %s", e)
+                return
+            except P.ChecksumError as e:
+                self.stats["corrupt"] += 1
+                await self._broken(f"corrupted frame: {e}")
+                return
+            except P.ProtocolError as e:
+                await self._broken(f"protocol error: {e}")
+                return
+            if msg.kind == P.Kind.BYE:
+                log.info("primary closed the session")
+                s.applier.close()
+                self.session = None
+                return
+            if msg.seq <= s.last_seq:
+                await fs.send(P.Kind.ACK, msg.seq, dict(errno=s.recent.get(msg.seq, 0)))
+                continue
+            if msg.seq != s.last_seq + 1:
+                await self._broken(f"sequence gap: got {msg.seq} after {s.last_seq}")
+                return
+            if msg.kind == P.Kind.MANIFEST_REQ:
+                await self._send_manifest(fs, msg.seq)
+                s.remember(msg.seq, 0)
+                continue
+            err = await self._apply(s, msg)
+            s.remember(msg.seq, err)
+            try:
+                await fs.send(P.Kind.ACK, msg.seq, dict(errno=err))
+            except LinkClosed as e:
+                log.warning("primary connection lost: %s", e)
+                return
+
+    async def _apply(self, s: Session, msg: P.Message) -> int:
+        try:
+            if msg.kind in _FSYNC_KINDS:
+                inval = await trio.to_thread.run_sync(s.applier.apply, msg)
+            else:
+                inval = s.applier.apply(msg)
+        except OSError as e:
+            err = e.errno or E.EIO
+            log.error("cannot apply %s (seq %d): %s; this copy is now out of date",
+                      msg.kind.name, msg.seq, os.strerror(err))
+            await trio.to_thread.run_sync(self.state.mark_self, False,
+                                          f"could not apply {msg.kind.name}: {os.strerror(err)}")
+            return err
+        self.stats["ops"] += 1
+        if msg.kind == P.Kind.WRITE:
+            self.stats["bytes"] += len(msg.data)
+        if inval and self.invalidate is not None:
+            await self.invalidate(inval)
+        return 0
+
+    async def _send_manifest(self, fs: FrameStream, seq: int) -> None:
+        data = await trio.to_thread.run_sync(self.manifest)
+        step = 8 << 20
+        chunks = [data[i:i + step] for i in range(0, len(data), step)] or [b""]
+        for i, chunk in enumerate(chunks):
+            await fs.send(P.Kind.MANIFEST, seq, dict(last=int(i == len(chunks) - 1), chunk=chunk),
+                          compress=True)
+
+    async def _broken(self, reason: str) -> None:
+        log.error("dropping the primary's connection: %s; nothing of it was applied; "
+                  "this copy is now out of date", reason)
+        await trio.to_thread.run_sync(self.state.mark_self, False, reason)
+        if self.session is not None:
+            self.session.applier.close()
+            self.session = None
+
+    def status(self) -> dict:
+        return {"listening": [str(lst.socket.getsockname()) for lst in self._listeners],
+                "connected": self.connected, "primary": self.primary,
+                "session": "%016x" % self.session.sid if self.session else None,
+                "last_seq": self.session.last_seq if self.session else 0,
+                "uptodate": bool(self.state.get("uptodate", True)), **self.stats}

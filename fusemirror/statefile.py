@@ -1,0 +1,88 @@
+"""Persistent per-mount state: is the peer's copy (or our own) known to be good?
+
+One JSON file per mounted folder under the state directory, replaced atomically
+(write, fsync, rename, fsync the directory), plus an append-only list of what
+changed while the peer was out of date, kept for reintegration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "/var/lib/fusemirror"
+
+
+def escape(path: str) -> str:
+    """A file name for a mount point: /srv/app -> srv-app (systemd-escape style)."""
+    out = []
+    for ch in path.strip("/") or "-":
+        if ch == "/":
+            out.append("-")
+        elif ch.isalnum() or ch in "_.":
+            out.append(ch)
+        else:
+            out.append("\\x%02x" % ord(ch) if ord(ch) < 256 else "_")
+    return "".join(out)
+
+
+class StateFile:
+    def __init__(self, state_dir: str, mountpoint: str):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        base = os.path.join(state_dir, escape(mountpoint))
+        self.path = base + ".state"
+        self.changes_path = base + ".changes"
+        self.data = self._load()
+        self._changes = None
+
+    def _load(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # A damaged state file must not make a stale copy look good.
+            log.error("state file %s unreadable (%s): treating every copy as out of date",
+                      self.path, e)
+            return {"peer_outdated": True, "uptodate": False, "reason": "state file damaged"}
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def update(self, **values) -> None:
+        self.data.update(values)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def mark_peer_outdated(self, reason: str) -> None:
+        if not self.data.get("peer_outdated"):
+            self.update(peer_outdated=True, peer_outdated_since=time.time(), reason=reason)
+
+    def mark_self(self, uptodate: bool, reason: str = "") -> None:
+        if self.data.get("uptodate") != uptodate:
+            self.update(uptodate=uptodate, uptodate_reason=reason, uptodate_changed=time.time())
+
+    def record_change(self, what: str, path: bytes) -> None:
+        """Remember that path changed while the peer could not follow."""
+        if self._changes is None:
+            self._changes = open(self.changes_path, "ab", buffering=0)
+        self._changes.write(what.encode() + b" " + path.hex().encode() + b"\n")
+
+    def close(self) -> None:
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None

@@ -1,0 +1,80 @@
+"""Linux system calls that the os module does not expose the way we need them.
+
+utimensat with UTIME_OMIT and AT_EMPTY_PATH, fchownat on O_PATH descriptors,
+renameat2 with its flags, umount2. Each raises OSError like the os module does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+MNT_DETACH = 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _check(ret: int, what: str, path=None) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+def _ts(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return _Timespec(sec, nsec)
+
+
+def set_times(fd: int, atime_ns: int | None, mtime_ns: int | None, name: bytes = b"") -> None:
+    """Set atime/mtime of fd (any descriptor, O_PATH included, symlinks not followed),
+    or of name relative to directory fd. None leaves that time unchanged."""
+    if atime_ns is None and mtime_ns is None:
+        return
+    times = (_Timespec * 2)(_ts(atime_ns), _ts(mtime_ns))
+    flags = AT_SYMLINK_NOFOLLOW | (0 if name else AT_EMPTY_PATH)
+    _check(_libc.utimensat(fd, name, times, flags), "utimensat", name or None)
+
+
+def chown_fd(fd: int, uid: int, gid: int, name: bytes = b"") -> None:
+    """fchownat(fd, name, uid, gid) without following symlinks; -1 keeps a value."""
+    flags = AT_SYMLINK_NOFOLLOW | (0 if name else AT_EMPTY_PATH)
+    _check(_libc.fchownat(fd, name, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, flags), "fchownat",
+           name or None)
+
+
+def rename(olddir: int, old: bytes, newdir: int, new: bytes, flags: int = 0) -> None:
+    if flags == 0:
+        os.rename(old, new, src_dir_fd=olddir, dst_dir_fd=newdir)
+        return
+    _check(_libc.renameat2(olddir, old, newdir, new, flags), "renameat2", old)
+
+
+def umount(path: str, lazy: bool = False) -> None:
+    _check(_libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0), "umount", path)
+
+
+def proc_path(fd: int) -> str:
+    """A path that reaches whatever fd refers to, even an O_PATH descriptor."""
+    return f"/proc/self/fd/{fd}"

@@ -1,0 +1,106 @@
+"""Frames over a trio stream: the I/O half of protocol.py, and the handshake."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from . import protocol as P
+
+log = logging.getLogger(__name__)
+
+_RECV = 1 << 20
+
+
+class LinkClosed(Exception):
+    """The other end closed the connection or it broke."""
+
+
+class HandshakeRefused(Exception):
+    """The other end refused the handshake; .code is a protocol.Refusal."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class FrameStream:
+    """Sends and receives whole frames on one trio stream. One sender at a time
+    (callers hold their own lock); one receiver."""
+
+    def __init__(self, stream: trio.abc.Stream, version: int = P.PROTOCOL_MAX):
+        self.stream = stream
+        self.version = version
+        self._buf = bytearray()
+
+    async def send_parts(self, parts) -> None:
+        try:
+            for part in parts:
+                await self.stream.send_all(part)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise LinkClosed(str(e) or type(e).__name__) from None
+
+    async def send(self, kind: P.Kind, seq: int = 0, fields: dict | None = None, *,
+                   compress: bool = False) -> None:
+        await self.send_parts(P.encode(kind, seq, fields, compress=compress))
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            try:
+                data = await self.stream.receive_some(max(_RECV, n - len(self._buf)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise LinkClosed(str(e) or type(e).__name__) from None
+            if not data:
+                raise LinkClosed("connection closed by peer")
+            self._buf += data
+
+    async def receive(self) -> P.Message:
+        """The next message; raises LinkClosed, ChecksumError or ProtocolError."""
+        await self._fill(P.HEADER_SIZE)
+        header = P.parse_header(bytes(self._buf[:P.HEADER_SIZE]))
+        end = P.HEADER_SIZE + header.length
+        await self._fill(end)
+        payload = bytes(self._buf[P.HEADER_SIZE:end])
+        del self._buf[:end]
+        return P.decode_payload(header, payload, self.version)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1, shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+
+async def client_handshake(fs: FrameStream, secret: bytes, session: int, label: bytes,
+                           versions: tuple[int, int]) -> P.Message:
+    """Run the primary's side of the handshake; returns the WELCOME message."""
+    nonce = os.urandom(P.NONCE_SIZE)
+    await fs.send(P.Kind.HELLO, 0, dict(version_min=versions[0], version_max=versions[1],
+                                        session=session, nonce=nonce, label=label))
+    msg = await fs.receive()
+    if msg.kind == P.Kind.REFUSE:
+        raise HandshakeRefused(msg.code, msg.reason.decode(errors="replace"))
+    if msg.kind != P.Kind.CHALLENGE:
+        raise P.ProtocolError(f"expected CHALLENGE, got {msg.kind.name}")
+    if not (versions[0] <= msg.version <= versions[1]):
+        raise HandshakeRefused(P.Refusal.VERSION, f"peer chose protocol version {msg.version}")
+    if not P.check_proof(secret, b"replica", nonce, msg.nonce, msg.proof):
+        raise HandshakeRefused(P.Refusal.AUTH, "the peer does not know the shared secret")
+    fs.version = msg.version
+    await fs.send(P.Kind.AUTH, 0, dict(proof=P.proof(secret, b"primary", msg.nonce, nonce)))
+    msg = await fs.receive()
+    if msg.kind == P.Kind.REFUSE:
+        raise HandshakeRefused(msg.code, msg.reason.decode(errors="replace"))
+    if msg.kind != P.Kind.WELCOME:
+        raise P.ProtocolError(f"expected WELCOME, got {msg.kind.name}")
+    return msg
+
+
+async def refuse(fs: FrameStream, code: P.Refusal, reason: str) -> None:
+    try:
+        await fs.send(P.Kind.REFUSE, 0, dict(code=code, reason=reason.encode()))
+    except LinkClosed:
+        pass
