@@ -96,7 +96,7 @@ GOALS = (
 def metric_labels(sizes: Sizes) -> dict[str, str]:
     """Table row label of every metric, in table order."""
     return {
-        "seq_write_mibs": f"seq write {sizes.seq_mib} MiB, 1 MiB blocks, fsync at end (MiB/s)",
+        "seq_write_mibs": f"seq write {sizes.seq_mib} MiB + fsync at end (MiB/s)",
         "seq_read_mibs": f"seq read {sizes.seq_mib} MiB, cold cache (MiB/s)",
         "rand_iops": "4 KiB random write + fsync each (IOPS)",
         "fsync_p50_us": "  fsync latency p50 (µs)",
@@ -113,25 +113,41 @@ def metric_labels(sizes: Sizes) -> dict[str, str]:
 def run(cmd: list[str], timeout: float, cwd: Path | None = None) -> str:
     """Run cmd to completion and return its stdout; raise BenchError on failure or timeout.
 
-    Output goes to files, not pipes: a daemon that inherits them must not keep us waiting.
-    The child gets its own session, so ^C reaches only us and teardown stays in our hands.
+    The child leads a new process group, so ^C reaches only us, and on timeout or interrupt
+    the whole group (fio forks its jobs) is killed by its id. Output goes to files, not
+    pipes: a daemon that inherits them must not keep us waiting.
     """
     log.debug("run: %s", shlex.join(cmd))
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                  cwd=cwd, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{shlex.join(cmd)}: no answer within {timeout:.0f} s") from None
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    cwd=cwd, start_new_session=True)
         except OSError as e:
-            raise BenchError(f"{shlex.join(cmd)}: {e}") from None
+            raise BenchError(f"{e} from: {shlex.join(cmd)}") from None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise BenchError(f"no answer within {timeout:.0f} s from: {shlex.join(cmd)}") from None
+        except BaseException:
+            kill_group(proc)
+            raise
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise BenchError(f"{shlex.join(cmd)}: exit code {proc.returncode}: {stderr.strip()[-800:]}")
+        raise BenchError(f"exit code {proc.returncode}: {stderr.strip()[-800:]} "
+                         f"from: {shlex.join(cmd)}")
     return stdout
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group that `proc` leads, and reap `proc`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(AGENT_KILL_TIMEOUT_S)
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -161,7 +177,7 @@ class Agent:
     def alive(self) -> bool:
         """True while the process runs; a zombie counts as gone (PID 1 may not reap it)."""
         fields = proc_stat(self.pid)
-        return fields is not None and fields[19] == self.start_time and fields[0] not in "ZX"
+        return fields is not None and fields[19] == self.start_time and fields[0] not in ("Z", "X")
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -258,7 +274,8 @@ class Mount:
         try:
             return json.loads(out)
         except ValueError:
-            raise BenchError(f"{self.label}: status --json printed no JSON: {out[:200]!r}") from None
+            msg = f"{self.label}: status --json printed no JSON: {out[:200]!r}"
+            raise BenchError(msg) from None
 
     def unmount(self) -> None:
         """Undo the mount whatever state it is in; never raises for an ordinary failure."""
@@ -266,20 +283,21 @@ class Mount:
         if was_mounted and self.agent is None:
             with contextlib.suppress(BenchError, KeyError, ValueError):
                 self.agent = Agent.from_pid(self.label, int(self.status()["pid"]))
+        if not was_mounted and self.agent is None:
+            return
         if was_mounted:
             try:
                 self._cli("umount", str(self.dir), timeout=CLI_UMOUNT_TIMEOUT_S)
             except BenchError as e:
-                log.warning("%s: %s", self.label, e)
-        if self.agent is not None and not self.agent.wait_exit(AGENT_EXIT_TIMEOUT_S):
-            log.warning("%s: agent pid %d still running %d s after umount",
-                        self.label, self.agent.pid, AGENT_EXIT_TIMEOUT_S)
+                log.warning("%s: umount failed: %s", self.label, e)
         force_unmount(self.dir)
-        if self.agent is not None:
-            self.agent.stop()
-        elif was_mounted:
+        if self.agent is None:
             log.error("%s: agent pid unknown (status failed), it may still be running",
                       self.label)
+        elif not self.agent.wait_exit(AGENT_EXIT_TIMEOUT_S):
+            log.warning("%s: agent pid %d still running %d s after unmount",
+                        self.label, self.agent.pid, AGENT_EXIT_TIMEOUT_S)
+            self.agent.stop()
         log.info("%s unmounted", self.label)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -616,16 +634,17 @@ def report(result: dict) -> str:
     labels = metric_labels(sizes)
     targets = cfg["targets"]
     summary, ratio = result["summary"], result["ratios"]
+    with_ratio = [t != "local" and "local" in targets for t in targets]
     header = ["median [min–max]"]
-    for t in targets:
-        header += [t] + ([f"{t}/local"] if t != "local" else [])
+    for t, r in zip(targets, with_ratio):
+        header += [t] + ([f"{t}/local"] if r else [])
     rows = [header]
     for key, label in labels.items():
         row = [label]
-        for t in targets:
+        for t, with_r in zip(targets, with_ratio):
             s = summary[t][key]
             row.append(f"{fmt(s['median'])} [{fmt(s['min'])}–{fmt(s['max'])}]" if s else "—")
-            if t != "local":
+            if with_r:
                 r = ratio[t][key]
                 row.append("—" if r is None else f"{r:.2f}x")
         rows.append(row)
@@ -651,7 +670,8 @@ def report(result: dict) -> str:
 # --- main ---------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_mount", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.bench_mount",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="rounds (default 3); medians are reported")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_SIZES.seq_mib} MiB, {QUICK_SIZES.files} files, "
@@ -717,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("scratch directory %s", scratch)
     try:
         result = run_bench(args, scratch)
+    except KeyboardInterrupt:
+        log.error("interrupted; everything started was stopped")
+        return 130
     finally:
         remove_tree(scratch)
     if args.json:

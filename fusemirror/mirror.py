@@ -55,7 +55,7 @@ class Link(str, enum.Enum):
 
 
 class Pending:
-    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent")
+    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient")
 
     def __init__(self, seq: int, parts: list):
         self.seq = seq
@@ -65,6 +65,7 @@ class Pending:
         self.lost = False
         self.chunks: list[bytes] | None = None
         self.sent = time.monotonic()
+        self.patient = False     # exempt from the acknowledgement timeout (manifests)
 
 
 class Mirror:
@@ -176,7 +177,8 @@ class Mirror:
         if p is None:
             return
         self.stats["acks"] += 1
-        self.stats["last_rtt_us"] = int((time.monotonic() - p.sent) * 1e6)
+        if not p.patient:
+            self.stats["last_rtt_us"] = int((time.monotonic() - p.sent) * 1e6)
         p.errno = errno
         p.done.set()
         self._slots.release()
@@ -189,10 +191,10 @@ class Mirror:
             if self.link != Link.CONNECTED:
                 continue
             now = time.monotonic()
-            oldest = min((p.sent for p in self._pending.values()), default=None)
+            oldest = min((p.sent for p in self._pending.values() if not p.patient), default=None)
             if oldest is not None and now - oldest > self.timeout:
                 await self._lost(f"no acknowledgement for {self.timeout:g}s")
-            elif oldest is None:
+            elif not self._pending:
                 p = await self.begin(P.Kind.PING, {})
                 if p is not None:
                     p.done.set()  # nobody waits for a ping; its ack still proves liveness
@@ -335,7 +337,7 @@ class Mirror:
         async with self._send_lock:
             self._seq += 1
             p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}))
-            p.sent = float("inf")  # hashing a big tree may take longer than the timeout
+            p.patient = True  # hashing a big tree may take longer than the timeout
             self._pending[p.seq] = p
             await self._fs.send_parts(p.parts)
         await p.done.wait()

@@ -61,15 +61,18 @@ class ReplicaServer:
         self._lock = trio.Lock()
         self.stats = {"ops": 0, "bytes": 0, "refused": 0, "corrupt": 0}
         self._listeners = []
+        self._scope = trio.CancelScope()
 
     async def listen(self, host: str, port: int) -> None:
         self._listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.serve_listeners(self._handle, self._listeners)
+        with self._scope:
+            task_status.started()
+            await trio.serve_listeners(self._handle, self._listeners)
 
     async def close(self) -> None:
+        self._scope.cancel()
         for lst in self._listeners:
             await lst.aclose()
         if self._current is not None:

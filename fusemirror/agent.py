@@ -1,0 +1,363 @@
+"""The mount agent: the composition root that mounts one folder and serves it.
+
+It opens the folder, mounts over it in place, and runs, in one nursery: the FUSE
+main loop, the control socket, and the replication end of its role (Mirror when
+primary, ReplicaServer when replica). Role changes happen here, under a lock,
+without unmounting.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import logging
+import os
+import resource
+import signal
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from . import control, manifest
+from . import errors as X
+from . import protocol as P
+from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
+from .mirror import Mirror, PeerError, PeerUnreachable, Policy
+from .replica import ReplicaServer
+from .statefile import DEFAULT_DIR, StateFile
+from .tree import Tree
+from .wire import HandshakeRefused
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    mountpoint: str
+    role: str
+    peer: tuple[str, int] | None = None
+    listen: tuple[str, int] | None = None
+    secret: bytes = b""
+    state_dir: str = DEFAULT_DIR
+    run_dir: str = control.RUN_DIR
+    policy: Policy = Policy.BLOCK
+    timeout: float = 10.0
+    cache_timeout: float = 10.0
+    compress: bool = True
+    versions: tuple[int, int] = (P.PROTOCOL_MIN, P.PROTOCOL_MAX)
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise X.Failure(X.BAD_CONFIG, f"{what} must be HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+def read_secret(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise X.Failure(X.BAD_CONFIG, f"cannot read secret file {path}: {e.strerror}") from None
+    if len(secret) < 8:
+        raise X.Failure(X.BAD_CONFIG, f"secret file {path} holds fewer than 8 bytes")
+    return secret
+
+
+def fuse_mounted(mountpoint: str) -> str | None:
+    """The FUSE type of the topmost mount at mountpoint, if it is a FUSE mount."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if point == mountpoint:
+                found = fields[sep + 1]
+    return found if found and found.startswith("fuse") else None
+
+
+def preflight(o: Options) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise X.Failure(X.NO_FUSE, "/dev/fuse does not exist: load the fuse module "
+                                   "(modprobe fuse) or install fuse3")
+    if not os.path.isdir(o.mountpoint):
+        what = "does not exist" if not os.path.exists(o.mountpoint) else "is not a directory"
+        raise X.Failure(X.BAD_DIR, f"{o.mountpoint} {what}")
+    try:
+        kind = fuse_mounted(o.mountpoint)
+    except OSError:
+        kind = None
+    if kind is not None:
+        raise X.Failure(X.MOUNTED, f"{o.mountpoint} is already mounted ({kind}); "
+                                   f"unmount it first (fusemirror umount or fusermount3 -u)")
+    if o.role == PRIMARY and o.peer is None:
+        raise X.Failure(X.BAD_CONFIG, "role primary needs --peer HOST:PORT")
+    if o.role == REPLICA and o.listen is None:
+        raise X.Failure(X.BAD_CONFIG, "role replica needs --listen HOST:PORT")
+    if o.role in (PRIMARY, REPLICA) and not o.secret:
+        raise X.Failure(X.BAD_CONFIG, f"role {o.role} needs --secret-file FILE")
+
+
+class Agent:
+    def __init__(self, o: Options):
+        self.o = o
+        self.root_fd = os.open(o.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.socket_path = control.socket_path(o.mountpoint, o.run_dir)
+        self.tree = Tree(self.root_fd)
+        self.state = StateFile(o.state_dir, o.mountpoint)
+        self.fs = MirrorFS(self.tree, self.state, role=ALONE, cache_timeout=o.cache_timeout,
+                           compress=o.compress)
+        self.mirror: Mirror | None = None
+        self.replica: ReplicaServer | None = None
+        self._nursery: trio.Nursery | None = None
+        self._lock = trio.Lock()
+        self._role_scope: trio.CancelScope | None = None
+        self._mounted = False
+
+    # --- roles -----------------------------------------------------------------
+    def _new_mirror(self, peer) -> Mirror:
+        return Mirror(peer, self.o.secret, self.state, policy=self.o.policy,
+                      timeout=self.o.timeout, label=os.fsencode(self.o.mountpoint),
+                      versions=self.o.versions, on_outdated=self.fs.journal_open_files)
+
+    def _new_replica(self) -> ReplicaServer:
+        return ReplicaServer(self.root_fd, self.o.secret, self.state,
+                             invalidate=self._invalidate, manifest=self._manifest_bytes,
+                             versions=self.o.versions, timeout=self.o.timeout)
+
+    async def _start_primary(self, peer) -> None:
+        mirror = self._new_mirror(peer)
+        try:
+            await mirror.connect()
+        except PeerUnreachable as e:
+            raise X.Failure(X.PEER_UNREACHABLE, str(e)) from None
+        except HandshakeRefused as e:
+            raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} refused us: {e}") from None
+        if mirror.link.value == "outdated" and self.o.policy == Policy.BLOCK:
+            await mirror.close()
+            raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} is out of date; with "
+                                       f"--on-peer-loss block nothing could be written")
+        await self._stop_replica()
+        old, self.mirror = self.mirror, mirror
+        if old is not None:
+            await old.close()
+        await self._reopen_files(mirror)
+        self.fs.set_role(PRIMARY, mirror)
+        await self._nursery.start(mirror.run)
+
+    async def _reopen_files(self, mirror: Mirror) -> None:
+        """Files already open for writing (in another role) get their handle on the peer."""
+        if mirror.link.value != "connected":
+            return
+        for fh, f in self.fs.writable_files():
+            try:
+                path = self.tree.path(f.ino)
+                await mirror.call(P.Kind.OPEN, dict(handle=fh, flags=os.O_RDWR, mtime=0,
+                                                    path=path))
+                f.replicated = True
+            except (OSError, PeerError) as e:
+                f.replicated = False
+                self.state.mark_peer_outdated(f"cannot open an already open file on the "
+                                              f"peer: {e}")
+
+    async def _start_replica(self, listen) -> None:
+        replica = self._new_replica()
+        try:
+            await replica.listen(*listen)
+        except OSError as e:
+            raise X.Failure(X.BAD_CONFIG, f"cannot listen on {listen[0]}:{listen[1]}: "
+                                          f"{e.strerror or e}") from None
+        await self._stop_mirror()
+        self.fs.set_role(REPLICA, None)
+        self.replica = replica
+        await self._nursery.start(replica.run)
+
+    async def _stop_mirror(self) -> None:
+        if self.mirror is not None:
+            mirror, self.mirror = self.mirror, None
+            await mirror.close()
+
+    async def _stop_replica(self) -> None:
+        if self.replica is not None:
+            replica, self.replica = self.replica, None
+            await replica.close()
+
+    async def set_role(self, role: str, peer=None, listen=None) -> None:
+        """Change role without unmounting. Changes by the application wait (they do
+        not fail) while the switch is in progress; if the new role cannot be taken,
+        the old one stays."""
+        if role not in (PRIMARY, REPLICA, ALONE):
+            raise X.Failure(X.BAD_CONFIG, f"unknown role {role!r}")
+        peer = peer or self.o.peer
+        listen = listen or self.o.listen
+        if role == REPLICA and listen is None:
+            raise X.Failure(X.BAD_CONFIG, "role replica needs --listen HOST:PORT")
+        if role == PRIMARY and peer is None:
+            raise X.Failure(X.BAD_CONFIG, "role primary needs --peer HOST:PORT")
+        async with self._lock:
+            old = self.fs.role
+            self.fs.pause()
+            try:
+                if self.mirror is not None:
+                    with trio.move_on_after(self.o.timeout):
+                        await self.mirror.drain()
+                if role == PRIMARY:
+                    await self._start_primary(peer)       # the old link stays until this works
+                elif role == REPLICA:
+                    if old == REPLICA:
+                        await self._stop_replica()
+                    await self._start_replica(listen)
+                else:
+                    await self._stop_mirror()
+                    await self._stop_replica()
+                    self.fs.set_role(ALONE, None)
+            except X.Failure as e:
+                log.error("role change %s -> %s failed, staying %s: %s", old, role, old, e)
+                raise
+            finally:
+                self.fs.resume()
+            self.o.peer, self.o.listen = peer, listen
+            log.info("role %s -> %s", old, role)
+
+    # --- replica cache invalidation -------------------------------------------
+    async def _invalidate(self, items) -> None:
+        for item in items:
+            ino = self.tree.root_st_ino == item[1] and pyfuse3.ROOT_INODE or item[1]
+            if not self.tree.known(ino):
+                continue
+            try:
+                if item[0] == "entry":
+                    pyfuse3.invalidate_entry_async(ino, item[2], ignore_enoent=True)
+                elif item[0] == "attr":
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+                else:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as e:
+                if e.errno not in (E.ENOENT, E.ENOTCONN):
+                    log.warning("cannot invalidate inode %d: %s", ino, e)
+
+    # --- control requests ------------------------------------------------------
+    def _manifest_bytes(self) -> bytes:
+        return manifest.dumps(manifest.build(self.root_fd))
+
+    async def handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        try:
+            if cmd == "status":
+                return {"ok": True, **self.status()}
+            if cmd == "role":
+                peer = parse_address(req["peer"], "--peer") if req.get("peer") else None
+                listen = parse_address(req["listen"], "--listen") if req.get("listen") else None
+                await self.set_role(req["role"], peer, listen)
+                return {"ok": True, **self.status()}
+            if cmd == "verify":
+                return {"ok": True, "differences": await self.verify()}
+            if cmd == "drain":
+                await self.drain()
+                return {"ok": True}
+        except X.Failure as e:
+            return {"ok": False, "error": str(e), "code": e.code}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    async def verify(self) -> list[str]:
+        if self.fs.role != PRIMARY or self.mirror is None:
+            raise X.Failure(X.FAILED, f"verify runs on the primary; this mount is {self.fs.role}")
+        try:
+            peer = manifest.loads(await self.mirror.manifest())
+        except PeerError as e:
+            raise X.Failure(X.PEER_UNREACHABLE, f"cannot get the peer's manifest: {e}") from None
+        local = await trio.to_thread.run_sync(manifest.build, self.root_fd)
+        return manifest.diff(local, peer)
+
+    async def drain(self) -> None:
+        """Wait until every replicated change has been acknowledged (before umount)."""
+        if self.mirror is not None:
+            with trio.move_on_after(self.o.timeout):
+                await self.mirror.drain()
+
+    def status(self) -> dict:
+        return {"pid": os.getpid(), "mountpoint": self.o.mountpoint, "role": self.fs.role,
+                "policy": self.o.policy.value, "inodes": len(self.tree),
+                "open_files": len(self.fs._files),
+                "mirror": self.mirror.status() if self.mirror else None,
+                "replica": self.replica.status() if self.replica else None,
+                "state": dict(self.state.data)}
+
+    # --- running ---------------------------------------------------------------
+    async def run(self, ready=None) -> None:
+        o = self.o
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if o.role == PRIMARY:
+                await self._start_primary(o.peer)
+            options = {"fsname=" + o.mountpoint, "subtype=fusemirror", "allow_other",
+                       "default_permissions"}
+            try:
+                pyfuse3.init(self.fs, o.mountpoint, options)
+            except RuntimeError as e:
+                raise X.Failure(X.NO_FUSE, f"cannot mount {o.mountpoint}: {e}") from None
+            self._mounted = True
+            if o.role == REPLICA:
+                await self._start_replica(o.listen)
+            elif o.role == ALONE:
+                self.fs.set_role(ALONE, None)
+            await nursery.start(control.serve, self.socket_path, self.handle)
+            nursery.start_soon(self._signals)
+            log.info("mounted %s as %s (pid %d)", o.mountpoint, self.fs.role, os.getpid())
+            if ready is not None:
+                ready()
+            try:
+                await pyfuse3.main()
+            finally:
+                log.info("%s unmounted; stopping", o.mountpoint)
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(o.timeout):
+                        await self._stop_mirror()
+                        await self._stop_replica()
+                nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: finishing replication and unmounting", signum)
+                if self.mirror is not None:
+                    with trio.move_on_after(self.o.timeout):
+                        await self.mirror.drain()
+                pyfuse3.terminate()
+                return
+
+    def close(self) -> None:
+        if self._mounted:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as e:  # the mount may already be gone
+                log.debug("pyfuse3.close: %s", e)
+            self._mounted = False
+        self.tree.close()
+        self.state.close()
+
+
+def prepare_process() -> None:
+    os.umask(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            top = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, top))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_agent(o: Options, ready=None) -> None:
+    """Mount and serve until unmounted. Raises X.Failure for a clear one-line error."""
+    preflight(o)
+    prepare_process()
+    agent = Agent(o)
+    try:
+        trio.run(agent.run, ready)
+    finally:
+        agent.close()
+

@@ -1,0 +1,489 @@
+"""The pyfuse3 Operations: what the kernel asks, answered from the backing tree.
+
+This is the one place where errors become errno: handlers raise OSError,
+NoSuchInode, PeerError or ReadOnly below; the `_answer` wrapper turns them into
+FUSEError, and anything unexpected into EIO after logging it (pyfuse3 would end
+the mount on any other exception).
+
+Roles: "primary" applies each change locally and on the peer before answering;
+"replica" refuses every change with EROFS; "alone" applies changes locally and
+journals what changed. Namespace and attribute changes are applied locally first
+and then replicated with their exact results (mode, owner, times); writes and
+fsync go to the peer and to the local disk at the same time.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import functools
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from . import protocol as P
+from . import sysops
+from .apply import apply_setattr
+from .mirror import Mirror, PeerError
+from .statefile import StateFile
+from .tree import O_PATH_FLAGS, NoSuchInode, Tree, make_node, owner_for
+
+log = logging.getLogger(__name__)
+K = P.Kind
+
+PRIMARY, REPLICA, ALONE = "primary", "replica", "alone"
+ROLES = (PRIMARY, REPLICA, ALONE)
+
+
+class ReadOnly(Exception):
+    pass
+
+
+def _answer(fn):
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or E.EIO) from None
+        except ReadOnly:
+            raise FUSEError(E.EROFS) from None
+        except PeerError:
+            raise FUSEError(E.EIO) from None
+        except NoSuchInode:
+            raise FUSEError(E.ESTALE) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", fn.__name__, args[:2])
+            raise FUSEError(E.EIO) from None
+    return handler
+
+
+class _File:
+    __slots__ = ("fd", "ino", "writable", "replicated")
+
+    def __init__(self, fd, ino, writable, replicated):
+        self.fd, self.ino, self.writable, self.replicated = fd, ino, writable, replicated
+
+
+class _Dir:
+    __slots__ = ("ino", "names")
+
+    def __init__(self, ino):
+        self.ino, self.names = ino, None
+
+
+class MirrorFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, tree: Tree, state: StateFile, *, role: str = ALONE,
+                 cache_timeout: float = 10.0, compress: bool = True):
+        super().__init__()
+        self.tree = tree
+        self.state = state
+        self.role = role
+        self.mirror: Mirror | None = None
+        self.cache_timeout = cache_timeout
+        self.compress = compress
+        self._gate = trio.Event()
+        self._gate.set()
+        self._files: dict[int, _File] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_fh = 1
+
+    # --- role ----------------------------------------------------------------
+    def set_role(self, role: str, mirror: Mirror | None) -> None:
+        self.role, self.mirror = role, mirror
+
+    def pause(self) -> None:
+        """Hold every new change (they wait, they do not fail) during a role switch."""
+        if self._gate.is_set():
+            self._gate = trio.Event()
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    def writable_files(self):
+        return [(fh, f) for fh, f in self._files.items() if f.writable]
+
+    def journal_open_files(self) -> None:
+        """The peer fell behind: every file open for writing may now change unseen."""
+        for fh, f in self.writable_files():
+            f.replicated = False
+            try:
+                self.state.record_change("WRITE", self.tree.path(f.ino))
+            except (OSError, NoSuchInode):
+                self.state.record_change("WRITE", b"")
+
+    async def _may_change(self) -> bool:
+        """Before a change: True to replicate it, False to apply it alone (journaled)."""
+        if not self._gate.is_set():
+            await self._gate.wait()
+        if self.role == REPLICA:
+            raise ReadOnly()
+        if self.role == ALONE or self.mirror is None:
+            return False
+        return await self.mirror.ready()
+
+    async def _replicate(self, replicate: bool, kind: K, fields: dict, touched: bytes) -> None:
+        if replicate:
+            p = await self.mirror.begin(kind, fields)
+            if p is not None:
+                await self.mirror.finish(p)
+                if not p.lost and not p.errno:
+                    return
+        self.state.record_change(kind.name, touched)
+
+    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = self.cache_timeout
+        a.st_mode, a.st_nlink = st.st_mode, st.st_nlink
+        a.st_uid, a.st_gid, a.st_rdev = st.st_uid, st.st_gid, st.st_rdev
+        a.st_size, a.st_blksize, a.st_blocks = st.st_size, st.st_blksize, st.st_blocks
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return a
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        base = self.tree.path(parent)
+        return name if base == b"." else base + b"/" + name
+
+    # --- reading -------------------------------------------------------------
+    @_answer
+    async def lookup(self, parent, name, ctx=None):
+        ino, st = self.tree.lookup(parent, name)
+        return self._attr(ino, st)
+
+    @_answer
+    async def getattr(self, ino, ctx=None):
+        return self._attr(ino, self.tree.stat(ino))
+
+    @_answer
+    async def readlink(self, ino, ctx):
+        return os.readlink(b"", dir_fd=self.tree.fd(ino))
+
+    @_answer
+    async def opendir(self, ino, ctx):
+        fh = self._new_fh()
+        self._dirs[fh] = _Dir(ino)
+        return fh
+
+    @_answer
+    async def readdir(self, fh, start_id, token):
+        d = self._dirs[fh]
+        dfd = self.tree.fd(d.ino)
+        if d.names is None or start_id == 0:
+            rfd = os.open(sysops.proc_path(dfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                d.names = sorted(os.fsencode(n) for n in os.listdir(rfd))
+            finally:
+                os.close(rfd)
+        for i in range(start_id, len(d.names)):
+            name = d.names[i]
+            try:
+                fd = os.open(name, O_PATH_FLAGS, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            st = os.fstat(fd)
+            if not pyfuse3.readdir_reply(token, name, self._attr(self.tree.ino_of(st), st), i + 1):
+                os.close(fd)
+                break
+            self.tree.adopt(fd, st, d.ino, name)
+
+    @_answer
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    @_answer
+    async def statfs(self, ctx):
+        v = os.statvfs(sysops.proc_path(self.tree.root_fd))
+        s = pyfuse3.StatvfsData()
+        s.f_bsize, s.f_frsize, s.f_blocks = v.f_bsize, v.f_frsize, v.f_blocks
+        s.f_bfree, s.f_bavail, s.f_files = v.f_bfree, v.f_bavail, v.f_files
+        s.f_ffree, s.f_favail, s.f_namemax = v.f_ffree, v.f_favail, 255
+        return s
+
+    @_answer
+    async def getxattr(self, ino, name, ctx):
+        return os.getxattr(sysops.proc_path(self.tree.fd(ino)), name)
+
+    @_answer
+    async def listxattr(self, ino, ctx):
+        return [os.fsencode(n) for n in os.listxattr(sysops.proc_path(self.tree.fd(ino)))]
+
+    @_answer
+    async def read(self, fh, off, size):
+        return os.pread(self._files[fh].fd, size, off)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.tree.forget(ino, n)
+
+    # --- open files ----------------------------------------------------------
+    def _new_fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    @_answer
+    async def open(self, ino, flags, ctx):
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        replicate = await self._may_change() if writable else False
+        fd = self.tree.open_file(ino, flags)
+        fh = self._new_fh()
+        try:
+            if writable:
+                st = os.fstat(fd)
+                await self._replicate(replicate, K.OPEN, dict(
+                    handle=fh, flags=flags, mtime=st.st_mtime_ns,
+                    path=self.tree.path(ino)), b"" if replicate else self.tree.path(ino))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[fh] = _File(fd, ino, writable, replicate and self._linked())
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _linked(self) -> bool:
+        return self.mirror is not None and self.mirror.link.value == "connected"
+
+    @_answer
+    async def create(self, parent, name, mode, flags, ctx):
+        replicate = await self._may_change()
+        dfd = self.tree.fd(parent)
+        parent_path = self.tree.path(parent)
+        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
+        fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
+        fh = self._new_fh()
+        try:
+            st = os.fstat(fd)
+            await self._replicate(replicate, K.CREATE, dict(
+                handle=fh, flags=flags, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                mtime=st.st_mtime_ns, pmtime=os.fstat(dfd).st_mtime_ns,
+                parent=parent_path, name=name), self._child(parent, name))
+            ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[fh] = _File(fd, ino, True, replicate and self._linked())
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
+
+    @_answer
+    async def write(self, fh, off, buf):
+        f = self._files[fh]
+        replicate = await self._may_change()
+        mtime = time.time_ns()
+        p = None
+        if replicate and f.replicated:
+            p = await self.mirror.begin(K.WRITE, dict(handle=fh, offset=off, mtime=mtime,
+                                                      data=buf), compress=self.compress)
+        try:
+            n = os.pwrite(f.fd, buf, off)
+            sysops.set_times(f.fd, None, mtime)
+        except OSError:
+            await self._finish(p)
+            await self._repair(f, fh, off, len(buf))
+            raise
+        await self._finish(p)
+        if n < len(buf):
+            await self._repair(f, fh, off, len(buf))
+        return n
+
+    async def _finish(self, p) -> None:
+        if p is not None:
+            await self.mirror.finish(p)
+
+    async def _repair(self, f: _File, fh: int, off: int, length: int) -> None:
+        """A write failed (or was short) here but may have succeeded on the peer: send
+        the peer our version of that range and our size."""
+        if not f.replicated or self.mirror is None:
+            return
+        st = os.fstat(f.fd)
+        data = os.pread(f.fd, length, off) if off < st.st_size else b""
+        if data:
+            await self.mirror.call(K.WRITE, dict(handle=fh, offset=off, mtime=st.st_mtime_ns,
+                                                 data=data))
+        await self.mirror.call(K.SETATTR, dict(
+            handle=fh, mask=P.ATTR_SIZE | P.ATTR_MTIME, mode=0, uid=0, gid=0, size=st.st_size,
+            atime=0, mtime=st.st_mtime_ns, path=b""))
+
+    @_answer
+    async def flush(self, fh):
+        return None
+
+    @_answer
+    async def fsync(self, fh, datasync):
+        f = self._files[fh]
+        p = None
+        if f.replicated and self.role == PRIMARY and await self.mirror.ready():
+            p = await self.mirror.begin(K.FSYNC, dict(handle=fh, datasync=int(bool(datasync))))
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, f.fd)
+        finally:
+            await self._finish(p)
+
+    @_answer
+    async def fsyncdir(self, fh, datasync):
+        d = self._dirs[fh]
+        path = self.tree.path(d.ino)
+        p = None
+        if self.role == PRIMARY and await self.mirror.ready():
+            p = await self.mirror.begin(K.FSYNCDIR, dict(datasync=int(bool(datasync)), path=path))
+        fd = os.open(sysops.proc_path(self.tree.fd(d.ino)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+            await self._finish(p)
+
+    @_answer
+    async def release(self, fh):
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        os.close(f.fd)
+        if f.replicated and self.mirror is not None:
+            try:
+                await self.mirror.call(K.RELEASE, dict(handle=fh))
+            except PeerError:
+                pass
+
+    # --- changing attributes -------------------------------------------------
+    @_answer
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        replicate = await self._may_change()
+        fd = self.tree.fd(ino)
+        st = os.fstat(fd)
+        mask = 0
+        if fields.update_size:
+            mask |= P.ATTR_SIZE
+        if fields.update_mode:
+            mask |= P.ATTR_MODE
+        if fields.update_uid:
+            mask |= P.ATTR_UID
+        if fields.update_gid:
+            mask |= P.ATTR_GID
+        if fields.update_atime:
+            mask |= P.ATTR_ATIME
+        mtime = attr.st_mtime_ns
+        if fields.update_mtime:
+            mask |= P.ATTR_MTIME
+        elif mask & P.ATTR_SIZE:
+            mask |= P.ATTR_MTIME           # truncation moves mtime: same value on both nodes
+            mtime = time.time_ns()
+        f = self._files.get(fh) if fh is not None else None
+        values = dict(mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
+                      atime=attr.st_atime_ns, mtime=mtime)
+        by_handle = f is not None and f.replicated and f.writable
+        path = b"" if by_handle else self.tree.path(ino)
+        apply_setattr(fd, mask, writable=f.fd if f is not None and f.writable else None,
+                      is_symlink=stat.S_ISLNK(st.st_mode), **values)
+        await self._replicate(replicate, K.SETATTR, dict(
+            handle=fh if by_handle else 0, mask=mask, path=path, **values),
+            path or self.tree.path(ino))
+        return self._attr(ino, os.fstat(fd))
+
+    @_answer
+    async def setxattr(self, ino, name, value, ctx):
+        replicate = await self._may_change()
+        path = self.tree.path(ino)
+        os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
+        await self._replicate(replicate, K.SETXATTR, dict(path=path, name=name, value=value), path)
+
+    @_answer
+    async def removexattr(self, ino, name, ctx):
+        replicate = await self._may_change()
+        path = self.tree.path(ino)
+        os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
+        await self._replicate(replicate, K.REMOVEXATTR, dict(path=path, name=name), path)
+
+    # --- changing the namespace ----------------------------------------------
+    async def _new_node(self, parent, name, kind, ctx, *, mode=0, rdev=0, target=b""):
+        replicate = await self._may_change()
+        dfd = self.tree.fd(parent)
+        parent_path = self.tree.path(parent)
+        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
+        make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        common = dict(uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns,
+                      pmtime=os.fstat(dfd).st_mtime_ns, parent=parent_path, name=name)
+        if kind == "dir":
+            op, fields = K.MKDIR, dict(mode=st.st_mode, **common)
+        elif kind == "node":
+            op, fields = K.MKNOD, dict(mode=st.st_mode, rdev=st.st_rdev, **common)
+        else:
+            op, fields = K.SYMLINK, dict(target=target, **common)
+        await self._replicate(replicate, op, fields, self._child(parent, name))
+        ino, st = self.tree.lookup(parent, name)
+        return self._attr(ino, st)
+
+    @_answer
+    async def mkdir(self, parent, name, mode, ctx):
+        return await self._new_node(parent, name, "dir", ctx, mode=mode | stat.S_IFDIR)
+
+    @_answer
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        return await self._new_node(parent, name, "node", ctx, mode=mode, rdev=rdev)
+
+    @_answer
+    async def symlink(self, parent, name, target, ctx):
+        return await self._new_node(parent, name, "symlink", ctx, mode=stat.S_IFLNK | 0o777,
+                                    target=target)
+
+    @_answer
+    async def link(self, ino, new_parent, new_name, ctx):
+        replicate = await self._may_change()
+        source = self.tree.path(ino)
+        parent_path = self.tree.path(new_parent)
+        dfd = self.tree.fd(new_parent)
+        os.link(sysops.proc_path(self.tree.fd(ino)), new_name, dst_dir_fd=dfd,
+                follow_symlinks=True)
+        await self._replicate(replicate, K.LINK, dict(
+            pmtime=os.fstat(dfd).st_mtime_ns, source=source, parent=parent_path, name=new_name),
+            self._child(new_parent, new_name))
+        ino, st = self.tree.lookup(new_parent, new_name)
+        return self._attr(ino, st)
+
+    async def _remove(self, parent, name, kind: K):
+        replicate = await self._may_change()
+        dfd = self.tree.fd(parent)
+        parent_path = self.tree.path(parent)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if kind == K.RMDIR:
+            os.rmdir(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+        self.tree.moved(self.tree.ino_of(st), (parent, name), None)
+        await self._replicate(replicate, kind, dict(
+            pmtime=os.fstat(dfd).st_mtime_ns, parent=parent_path, name=name),
+            self._child(parent, name))
+
+    @_answer
+    async def unlink(self, parent, name, ctx):
+        await self._remove(parent, name, K.UNLINK)
+
+    @_answer
+    async def rmdir(self, parent, name, ctx):
+        await self._remove(parent, name, K.RMDIR)
+
+    @_answer
+    async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        replicate = await self._may_change()
+        src, dst = self.tree.fd(parent_old), self.tree.fd(parent_new)
+        path_old, path_new = self.tree.path(parent_old), self.tree.path(parent_new)
+        moved = self.tree.ino_of(os.stat(name_old, dir_fd=src, follow_symlinks=False))
+        other = None
+        if flags & sysops.RENAME_EXCHANGE:
+            other = self.tree.ino_of(os.stat(name_new, dir_fd=dst, follow_symlinks=False))
+        sysops.rename(src, name_old, dst, name_new, flags)
+        self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
+        if other is not None:
+            self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))
+        await self._replicate(replicate, K.RENAME, dict(
+            flags=flags, pmtime_old=os.fstat(src).st_mtime_ns,
+            pmtime_new=os.fstat(dst).st_mtime_ns, parent_old=path_old, name_old=name_old,
+            parent_new=path_new, name_new=name_new), self._child(parent_new, name_new))
