@@ -128,7 +128,7 @@ class Agent:
                              invalidate=self._invalidate, manifest=self._manifest_bytes,
                              versions=self.o.versions, timeout=self.o.timeout)
 
-    async def _start_primary(self, peer) -> None:
+    async def _connect_primary(self, peer) -> Mirror:
         mirror = self._new_mirror(peer)
         try:
             await mirror.connect()
@@ -140,6 +140,9 @@ class Agent:
             await mirror.close()
             raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} is out of date; with "
                                        f"--on-peer-loss block nothing could be written")
+        return mirror
+
+    async def _adopt_primary(self, mirror: Mirror) -> None:
         await self._stop_replica()
         old, self.mirror = self.mirror, mirror
         if old is not None:
@@ -163,13 +166,16 @@ class Agent:
                 self.state.mark_peer_outdated(f"cannot open an already open file on the "
                                               f"peer: {e}")
 
-    async def _start_replica(self, listen) -> None:
+    async def _bind_replica(self, listen) -> ReplicaServer:
         replica = self._new_replica()
         try:
             await replica.listen(*listen)
         except OSError as e:
             raise X.Failure(X.BAD_CONFIG, f"cannot listen on {listen[0]}:{listen[1]}: "
                                           f"{e.strerror or e}") from None
+        return replica
+
+    async def _adopt_replica(self, replica: ReplicaServer) -> None:
         await self._stop_mirror()
         self.fs.set_role(REPLICA, None)
         self.replica = replica
@@ -205,11 +211,12 @@ class Agent:
                     with trio.move_on_after(self.o.timeout):
                         await self.mirror.drain()
                 if role == PRIMARY:
-                    await self._start_primary(peer)       # the old link stays until this works
+                    # the old link stays until the new one works
+                    await self._adopt_primary(await self._connect_primary(peer))
                 elif role == REPLICA:
                     if old == REPLICA:
                         await self._stop_replica()
-                    await self._start_replica(listen)
+                    await self._adopt_replica(await self._bind_replica(listen))
                 else:
                     await self._stop_mirror()
                     await self._stop_replica()
@@ -289,21 +296,26 @@ class Agent:
     # --- running ---------------------------------------------------------------
     async def run(self, ready=None) -> None:
         o = self.o
+        link = None           # connect or bind before mounting: errors stop us cleanly
+        if o.role == PRIMARY:
+            link = await self._connect_primary(o.peer)
+        elif o.role == REPLICA:
+            link = await self._bind_replica(o.listen)
+        options = {"fsname=" + o.mountpoint, "subtype=fusemirror", "allow_other",
+                   "default_permissions"}
+        try:
+            pyfuse3.init(self.fs, o.mountpoint, options)
+        except RuntimeError as e:
+            if link is not None:
+                await link.close()
+            raise X.Failure(X.NO_FUSE, f"cannot mount {o.mountpoint}: {e}") from None
+        self._mounted = True
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if o.role == PRIMARY:
-                await self._start_primary(o.peer)
-            options = {"fsname=" + o.mountpoint, "subtype=fusemirror", "allow_other",
-                       "default_permissions"}
-            try:
-                pyfuse3.init(self.fs, o.mountpoint, options)
-            except RuntimeError as e:
-                raise X.Failure(X.NO_FUSE, f"cannot mount {o.mountpoint}: {e}") from None
-            self._mounted = True
-            if o.role == REPLICA:
-                await self._start_replica(o.listen)
-            elif o.role == ALONE:
-                self.fs.set_role(ALONE, None)
+                await self._adopt_primary(link)
+            elif o.role == REPLICA:
+                await self._adopt_replica(link)
             await nursery.start(control.serve, self.socket_path, self.handle)
             nursery.start_soon(self._signals)
             log.info("mounted %s as %s (pid %d)", o.mountpoint, self.fs.role, os.getpid())
