@@ -115,10 +115,13 @@ class MirrorFS(pyfuse3.Operations):
         """The peer fell behind: every file open for writing may now change unseen."""
         for fh, f in self.writable_files():
             f.replicated = False
-            try:
-                self.state.record_change("WRITE", self.tree.path(f.ino))
-            except (OSError, NoSuchInode):
-                self.state.record_change("WRITE", b"")
+            self._alone_change("WRITE", self._path_or_empty(f.ino))
+
+    def _path_or_empty(self, ino: int) -> bytes:
+        try:
+            return self.tree.path(ino)
+        except (OSError, NoSuchInode):
+            return b""              # open but unlinked: no name left to record
 
     async def _may_change(self) -> bool:
         """Before a change: True to replicate it, False to apply it alone (journaled)."""
@@ -137,7 +140,13 @@ class MirrorFS(pyfuse3.Operations):
                 await self.mirror.finish(p)
                 if not p.lost and not p.errno:
                     return
-        self.state.record_change(kind.name, touched)
+        self._alone_change(kind.name, touched)
+
+    def _alone_change(self, what: str, path: bytes) -> None:
+        """A change the peer does not get: its copy is out of date from now on."""
+        if not self.state.get("peer_outdated"):
+            self.state.mark_peer_outdated(f"changed while {self.role} without the peer")
+        self.state.record_change(what, path)
 
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -281,6 +290,9 @@ class MirrorFS(pyfuse3.Operations):
         if replicate and f.replicated:
             p = await self.mirror.begin(K.WRITE, dict(handle=fh, offset=off, mtime=mtime,
                                                       data=buf), compress=self.compress)
+        elif f.replicated:
+            f.replicated = False        # from now on this file changes without the peer
+            self._alone_change("WRITE", self._path_or_empty(f.ino))
         try:
             n = os.pwrite(f.fd, buf, off)
             sysops.set_times(f.fd, None, mtime)

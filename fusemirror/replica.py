@@ -130,6 +130,10 @@ class ReplicaServer:
             proof=P.proof(self.secret, b"replica", hello.nonce, nonce)))
         fs.version = version
         auth = await fs.receive()
+        if auth.kind == P.Kind.REFUSE:
+            self.stats["refused"] += 1
+            log.error("primary %s refused us: %s", peer, auth.reason.decode(errors="replace"))
+            return None
         if auth.kind != P.Kind.AUTH or not P.check_proof(self.secret, b"primary", nonce,
                                                           hello.nonce, auth.proof):
             self.stats["refused"] += 1

@@ -88,7 +88,10 @@ async def client_handshake(fs: FrameStream, secret: bytes, session: int, label: 
     if not (versions[0] <= msg.version <= versions[1]):
         raise HandshakeRefused(P.Refusal.VERSION, f"peer chose protocol version {msg.version}")
     if not P.check_proof(secret, b"replica", nonce, msg.nonce, msg.proof):
-        raise HandshakeRefused(P.Refusal.AUTH, "the peer does not know the shared secret")
+        await refuse(fs, P.Refusal.AUTH, "authentication failed: the replica does not know "
+                                         "the primary's secret")
+        raise HandshakeRefused(P.Refusal.AUTH, "authentication failed: the peer does not know "
+                                               "the shared secret")
     fs.version = msg.version
     await fs.send(P.Kind.AUTH, 0, dict(proof=P.proof(secret, b"primary", msg.nonce, nonce)))
     msg = await fs.receive()

@@ -224,8 +224,8 @@ class Pair:
                                   "--secret-file", self.secret, "--timeout", self.timeout,
                                   *extra, check=check)
 
-    def mount_primary(self, *extra, check=True):
-        return self.primary.mount("--role", "primary", "--peer", self.address,
+    def mount_primary(self, *extra, check=True, peer=None):
+        return self.primary.mount("--role", "primary", "--peer", peer or self.address,
                                   "--secret-file", self.secret, "--on-peer-loss", self.policy,
                                   "--timeout", self.timeout, *extra, check=check)
 

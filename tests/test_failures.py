@@ -1,0 +1,282 @@
+"""Failures never let the two copies differ silently.
+
+Wrong secret, protocol versions, a killed or frozen replica under both peer-loss
+policies, a cut network (short: the session resumes; long: EIO), a corrupted
+frame, a full disk on either side, and role switches under load.
+"""
+
+import errno
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import cli, free_port, is_mounted
+from netproxy import Proxy
+
+
+def write_sync(path, data=b"x" * 4096, offset=0):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def expect_errno(code, fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        assert e.errno == code, f"expected {errno.errorcode[code]}, got {e}"
+        return
+    raise AssertionError(f"expected {errno.errorcode[code]}, the call succeeded")
+
+
+# --- handshake -----------------------------------------------------------------
+
+def test_wrong_secret_is_refused_and_nothing_applied(make_pair):
+    pair = make_pair()
+    pair.mount_replica()
+    other = os.path.join(pair.base, "other-secret")
+    with open(other, "w") as f:
+        f.write("not-the-same-secret")
+    p = pair.primary.mount("--role", "primary", "--peer", pair.address, "--secret-file", other,
+                           check=False)
+    assert p.returncode == 7, p.stderr
+    assert p.stderr.count("\n") == 1 and "refused" in p.stderr
+    assert not is_mounted(pair.primary.dir)
+    assert "authentication failed" in pair.replica.log()
+    assert os.listdir(pair.replica.dir) == []
+
+
+def test_protocol_version_mismatch_is_refused(make_pair):
+    pair = make_pair()
+    pair.mount_replica("--protocol-versions", "2-2")
+    p = pair.mount_primary(check=False)
+    assert p.returncode == 7 and "protocol version" in p.stderr, p.stderr
+    assert "refused" in pair.replica.log()
+
+
+def test_versions_n_and_n_plus_1_side_by_side(make_pair):
+    """A replica that already speaks N+1 serves a primary that speaks only N."""
+    pair = make_pair()
+    pair.mount_replica("--protocol-versions", "1-2")
+    pair.mount_primary("--protocol-versions", "1-1")
+    write_sync(pair.primary.path("f"))
+    pair.assert_identical()
+
+
+# --- the peer dies or freezes ----------------------------------------------------
+
+def test_replica_killed_block_policy_fails_with_eio(make_pair):
+    pair = make_pair(policy="block", timeout=2.0).start()
+    write_sync(pair.primary.path("before"))
+    pair.replica.kill()
+    start = time.monotonic()
+    expect_errno(errno.EIO, write_sync, pair.primary.path("during"))
+    took = time.monotonic() - start
+    assert 1.5 <= took < 15, took
+    assert pair.primary.state()["peer_outdated"] is True
+    # From now on nothing is acknowledged that the peer does not have.
+    expect_errno(errno.EIO, os.mkdir, pair.primary.path("later"))
+    assert "PEER OUT OF DATE" in pair.primary.log()
+
+
+def test_replica_killed_alone_policy_goes_on_and_records(make_pair):
+    pair = make_pair(policy="alone", timeout=2.0).start()
+    write_sync(pair.primary.path("before"))
+    pair.replica.kill()
+    write_sync(pair.primary.path("during"))
+    os.mkdir(pair.primary.path("dir"))
+    state = pair.primary.state()
+    assert state["peer_outdated"] is True
+    with open(os.path.join(pair.primary.state_dir, os.listdir(pair.primary.state_dir)[0]
+                           .replace(".state", ".changes"))) as f:
+        changes = f.read()
+    assert b"dir".hex() in changes
+    assert pair.primary.status()["mirror"]["link"] in ("closed", "outdated")
+
+
+def test_frozen_replica_block_policy_times_out(make_pair):
+    pair = make_pair(policy="block", timeout=2.0).start()
+    write_sync(pair.primary.path("before"))
+    pair.replica.kill(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        expect_errno(errno.EIO, write_sync, pair.primary.path("during"))
+        assert 1.5 <= time.monotonic() - start < 20
+        assert pair.primary.state()["peer_outdated"] is True
+    finally:
+        pair.replica.kill(signal.SIGCONT)
+
+
+# --- network ---------------------------------------------------------------------
+
+@pytest.fixture
+def proxied(make_pair):
+    pair = make_pair(policy="block", timeout=4.0)
+    pair.mount_replica()
+    proxy = Proxy(pair.port).start()
+    try:
+        pair.mount_primary(peer=proxy.address)
+        yield pair, proxy
+    finally:
+        proxy.close()
+
+
+def _writer(path, count, queue):
+    try:
+        for i in range(count):
+            write_sync(path, b"%08d" % i, i * 8)
+        queue.put(0)
+    except OSError as e:
+        queue.put(e.errno)
+
+
+def test_short_network_cut_resumes_without_loss(proxied):
+    pair, proxy = proxied
+    write_sync(pair.primary.path("f"))
+    proxy.cut()
+    q = multiprocessing.Queue()
+    w = multiprocessing.Process(target=_writer, args=(pair.primary.path("g"), 50, q))
+    w.start()
+    time.sleep(1.0)
+    proxy.restore()
+    w.join(30)
+    assert q.get(timeout=5) == 0
+    assert pair.primary.status()["mirror"]["reconnects"] >= 1
+    assert pair.primary.state().get("peer_outdated") is not True
+    pair.assert_identical()
+
+
+def test_long_network_cut_fails_with_eio(proxied):
+    pair, proxy = proxied
+    write_sync(pair.primary.path("f"))
+    proxy.cut()
+    start = time.monotonic()
+    expect_errno(errno.EIO, write_sync, pair.primary.path("g"))
+    assert time.monotonic() - start >= 3.5
+    assert pair.primary.state()["peer_outdated"] is True
+
+
+def test_corrupted_frame_is_never_applied(proxied):
+    pair, proxy = proxied
+    write_sync(pair.primary.path("f"), b"a" * 10)
+    proxy.corrupt_next(min_size=64 * 1024)
+    data = os.urandom(1 << 20)
+    expect_errno(errno.EIO, write_sync, pair.primary.path("f"), data)
+    assert proxy.corrupted == 1
+    assert "corrupted frame" in pair.replica.log()
+    assert pair.replica.state()["uptodate"] is False
+    assert pair.primary.state()["peer_outdated"] is True
+    # the replica kept its old content: the damaged frame was not applied
+    with open(pair.replica.path("f"), "rb") as f:
+        assert f.read() == b"a" * 10
+
+
+# --- full disks ------------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs():
+    mounted = []
+
+    def make(path, size="1m"):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                       check=True)
+        mounted.append(path)
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def test_disk_full_on_replica_fails_with_eio(make_pair, small_tmpfs):
+    pair = make_pair(policy="block", timeout=3.0)
+    small_tmpfs(pair.replica.dir)
+    pair.start()
+    write_sync(pair.primary.path("small"))
+    with pytest.raises(OSError) as e:
+        write_sync(pair.primary.path("big"), os.urandom(3 << 20))
+    assert e.value.errno == errno.EIO
+    assert pair.primary.state()["peer_outdated"] is True
+    assert pair.replica.state()["uptodate"] is False
+    assert "No space left" in pair.replica.log()
+
+
+def test_disk_full_on_primary_replica_gets_primary_version(make_pair, small_tmpfs):
+    pair = make_pair(policy="block", timeout=3.0)
+    small_tmpfs(pair.primary.dir, "2m")
+    pair.start()
+    with pytest.raises(OSError) as e:
+        with open(pair.primary.path("big"), "wb") as f:
+            for _ in range(8):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+    assert e.value.errno == errno.ENOSPC
+    pair.assert_identical()
+    assert pair.primary.state().get("peer_outdated") is not True
+
+
+# --- role switches ---------------------------------------------------------------
+
+def _appender(path, queue, stop):
+    """Append numbered records with fsync; report each acknowledged one."""
+    n = 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        while not stop.is_set() and n < 100_000:
+            os.write(fd, b"%08d\n" % n)
+            os.fsync(fd)
+            queue.put(n)
+            n += 1
+        os.close(fd)
+        queue.put(("end", 0))
+    except OSError as e:
+        queue.put(("end", e.errno))
+
+
+def test_role_swap_under_load_loses_no_acknowledged_write(make_pair):
+    pair = make_pair(policy="block", timeout=5.0).start()
+    q, stop = multiprocessing.Queue(), multiprocessing.Event()
+    w = multiprocessing.Process(target=_appender, args=(pair.primary.path("log"), q, stop))
+    w.start()
+    time.sleep(1.0)
+    new_port = free_port()
+    # Swap: the old primary becomes a replica (listening), then the old replica a primary.
+    cli("role", pair.primary.dir, "replica", "--listen", f"127.0.0.1:{new_port}")
+    cli("role", pair.replica.dir, "primary", "--peer", f"127.0.0.1:{new_port}")
+    w.join(30)
+    acked, end = [], None
+    while True:
+        item = q.get(timeout=5)
+        if isinstance(item, tuple):
+            end = item[1]
+            break
+        acked.append(item)
+    assert end == errno.EROFS          # the old primary turned read-only under the writer
+    assert len(acked) > 10
+    with open(pair.replica.path("log"), "rb") as f:      # the new primary
+        lines = f.read().split(b"\n")
+    assert [int(x) for x in lines if x][:len(acked)] == acked
+    with open(pair.replica.path("log"), "ab") as f:
+        f.write(b"after swap\n")
+    r = cli("verify", pair.replica.dir, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pair.replica.status()["role"] == "primary"
+    assert pair.primary.status()["role"] == "replica"
+
+
+def test_primary_to_alone_and_back_marks_the_peer_outdated(make_pair):
+    pair = make_pair(policy="alone", timeout=3.0).start()
+    write_sync(pair.primary.path("a"))
+    cli("role", pair.primary.dir, "alone")
+    write_sync(pair.primary.path("b"))
+    assert pair.primary.state()["peer_outdated"] is True
+    cli("role", pair.primary.dir, "primary")
+    st = pair.primary.status()
+    assert st["role"] == "primary" and st["mirror"]["link"] == "outdated"
+    r = cli("verify", pair.primary.dir, check=False)
+    assert r.returncode == 1 and "only on primary: b" in r.stdout
