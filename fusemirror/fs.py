@@ -78,6 +78,30 @@ class _Dir:
         self.ino, self.names = ino, None
 
 
+THREADED_WRITE = 256 * 1024
+
+
+class _LocalWrite:
+    """One write to the local backing file; its outcome is kept, not raised, so that
+    the peer's side of the same write is always waited for."""
+
+    __slots__ = ("fd", "buf", "off", "mtime", "written", "error")
+
+    def __init__(self, fd, buf, off, mtime):
+        self.fd, self.buf, self.off, self.mtime = fd, buf, off, mtime
+        self.written, self.error = 0, None
+
+    def run(self) -> None:
+        try:
+            self.written = os.pwrite(self.fd, self.buf, self.off)
+            sysops.set_times(self.fd, None, self.mtime)
+        except OSError as e:
+            self.error = e
+
+    async def run_in_thread(self) -> None:
+        await trio.to_thread.run_sync(self.run)
+
+
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -287,23 +311,28 @@ class MirrorFS(pyfuse3.Operations):
         replicate = await self._may_change()
         mtime = time.time_ns()
         p = None
+        local = _LocalWrite(f.fd, buf, off, mtime)
         if replicate and f.replicated:
-            p = await self.mirror.begin(K.WRITE, dict(handle=fh, offset=off, mtime=mtime,
-                                                      data=buf), compress=self.compress)
-        elif f.replicated:
-            f.replicated = False        # from now on this file changes without the peer
-            self._alone_change("WRITE", self._path_or_empty(f.ino))
-        try:
-            n = os.pwrite(f.fd, buf, off)
-            sysops.set_times(f.fd, None, mtime)
-        except OSError:
-            await self._finish(p)
-            await self._repair(f, fh, off, len(buf))
-            raise
+            fields = dict(handle=fh, offset=off, mtime=mtime, data=buf)
+            if len(buf) >= THREADED_WRITE:
+                # Large writes: the local write runs in a thread while the frame is sent.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(local.run_in_thread)
+                    p = await self.mirror.begin(K.WRITE, fields, compress=self.compress)
+            else:
+                p = await self.mirror.begin(K.WRITE, fields, compress=self.compress)
+                local.run()
+        else:
+            if f.replicated:
+                f.replicated = False        # from now on this file changes without the peer
+                self._alone_change("WRITE", self._path_or_empty(f.ino))
+            local.run()
         await self._finish(p)
-        if n < len(buf):
+        if local.error is not None or local.written < len(buf):
             await self._repair(f, fh, off, len(buf))
-        return n
+        if local.error is not None:
+            raise local.error
+        return local.written
 
     async def _finish(self, p) -> None:
         if p is not None:

@@ -182,6 +182,9 @@ class Message:
             raise AttributeError(name) from None
 
 
+_BULK = frozenset({"data", "chunk"})
+
+
 class _Codec:
     """Packs and unpacks the payload of one message kind."""
 
@@ -213,7 +216,11 @@ class _Codec:
                 pos += 4
                 if pos + ln > len(view):
                     raise ProtocolError("field runs past the end of the payload")
-                out[n] = bytes(view[pos:pos + ln])
+                # Bulk data stays a zero-copy view when the payload is a private buffer.
+                if n in _BULK and ln > 65536 and isinstance(payload, bytearray):
+                    out[n] = view[pos:pos + ln]
+                else:
+                    out[n] = bytes(view[pos:pos + ln])
                 pos += ln
         except struct.error:
             raise ProtocolError("payload too short for its message kind") from None

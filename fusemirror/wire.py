@@ -46,24 +46,44 @@ class FrameStream:
                    compress: bool = False) -> None:
         await self.send_parts(P.encode(kind, seq, fields, compress=compress))
 
-    async def _fill(self, n: int) -> None:
-        while len(self._buf) < n:
-            try:
-                data = await self.stream.receive_some(max(_RECV, n - len(self._buf)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise LinkClosed(str(e) or type(e).__name__) from None
-            if not data:
-                raise LinkClosed("connection closed by peer")
-            self._buf += data
+    async def _recv_some(self, n: int) -> bytes:
+        try:
+            data = await self.stream.receive_some(n)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise LinkClosed(str(e) or type(e).__name__) from None
+        if not data:
+            raise LinkClosed("connection closed by peer")
+        return data
+
+    async def _recv_into(self, view: memoryview) -> None:
+        """Fill view completely, straight from the socket when there is one (no copies)."""
+        sock = getattr(self.stream, "socket", None)
+        while view:
+            if sock is None:
+                data = await self._recv_some(len(view))
+                view[:len(data)] = data
+                n = len(data)
+            else:
+                try:
+                    n = await sock.recv_into(view)
+                except (trio.ClosedResourceError, OSError) as e:
+                    raise LinkClosed(str(e) or type(e).__name__) from None
+                if n == 0:
+                    raise LinkClosed("connection closed by peer")
+            view = view[n:]
 
     async def receive(self) -> P.Message:
         """The next message; raises LinkClosed, ChecksumError or ProtocolError."""
-        await self._fill(P.HEADER_SIZE)
+        while len(self._buf) < P.HEADER_SIZE:
+            self._buf += await self._recv_some(_RECV)
         header = P.parse_header(bytes(self._buf[:P.HEADER_SIZE]))
-        end = P.HEADER_SIZE + header.length
-        await self._fill(end)
-        payload = bytes(self._buf[P.HEADER_SIZE:end])
-        del self._buf[:end]
+        del self._buf[:P.HEADER_SIZE]
+        payload = bytearray(header.length)
+        have = min(len(self._buf), header.length)
+        payload[:have] = self._buf[:have]
+        del self._buf[:have]
+        if have < header.length:
+            await self._recv_into(memoryview(payload)[have:])
         return P.decode_payload(header, payload, self.version)
 
     async def aclose(self) -> None:
