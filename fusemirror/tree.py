@@ -26,7 +26,8 @@ ROOT = pyfuse3.ROOT_INODE
 _DELETED = b" (deleted)"
 # Flags the backing descriptors never get: the kernel already resolved the offset
 # (O_APPEND), and it turns O_SYNC/O_DSYNC into explicit fsync requests.
-STRIP_FLAGS = os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOCTTY | os.O_CREAT | os.O_EXCL
+STRIP_FLAGS = (os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOCTTY | os.O_CREAT | os.O_EXCL
+               | os.O_NOFOLLOW)  # the kernel resolved the name; /proc/self/fd links need following
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -102,3 +102,18 @@ def test_control_socket_is_root_only(alone):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
                         path], capture_output=True)
     assert r.returncode != 0
+
+
+def test_open_existing_file_with_o_nofollow(pair):
+    """SQLite opens with O_NOFOLLOW; the agent reopens through /proc and must not pass it on."""
+    import sqlite3
+    db = pair.primary.path("x.db")
+    with sqlite3.connect(db) as c:
+        c.execute("create table t (v)")
+    fd = os.open(db, os.O_RDWR | os.O_NOFOLLOW)
+    os.close(fd)
+    with sqlite3.connect(db) as c:
+        c.execute("insert into t values (1)")
+    fd = os.open(pair.replica.path("x.db"), os.O_RDONLY | os.O_NOFOLLOW)
+    os.close(fd)
+    pair.assert_identical()
