@@ -106,8 +106,8 @@ class Applier:
 
     def _create(self, m):
         def create(dfd):
-            fd = make_node(dfd, m.name, "file", mode=m.mode, flags=m.flags | os.O_TRUNC,
-                           uid=m.uid, gid=m.gid)
+            fd = make_node(dfd, m.name, "file", mode=m.mode, flags=m.flags, uid=m.uid,
+                           gid=m.gid)
             sysops.set_times(fd, None, m.mtime)
             self._bind(m.handle, fd)
             return [("entry", os.fstat(dfd).st_ino, m.name)]

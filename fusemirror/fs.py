@@ -102,6 +102,14 @@ class _LocalWrite:
         await trio.to_thread.run_sync(self.run)
 
 
+class _Lazy(dict):
+    """Fields of an undo operation; callables are evaluated when it is sent."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        return value() if callable(value) else value
+
+
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -158,13 +166,38 @@ class MirrorFS(pyfuse3.Operations):
         return await self.mirror.ready()
 
     async def _replicate(self, replicate: bool, kind: K, fields: dict, touched: bytes) -> None:
-        if replicate:
-            p = await self.mirror.begin(kind, fields)
+        """Replicate a change already applied here (or journal it)."""
+        p = await self.mirror.begin(kind, fields) if replicate else None
+        if not await self._finish(p):
+            self._alone_change(kind.name, touched)
+
+    async def _both(self, replicate: bool, kind: K, fields: dict, touched: bytes, local,
+                    undo=()):
+        """Apply a change on the peer and here at the same time: send it, run local()
+        (blocking, short), then wait for the peer. If it failed here but worked there,
+        the peer is put back with the undo operations, or marked out of date."""
+        p = await self.mirror.begin(kind, fields) if replicate else None
+        try:
+            result = local()
+        except OSError as e:
             if p is not None:
-                await self.mirror.finish(p)
+                await p.done.wait()
                 if not p.lost and not p.errno:
-                    return
-        self._alone_change(kind.name, touched)
+                    await self._undo(undo, f"{kind.name} failed here ({e.strerror}) but not "
+                                           f"on the peer")
+            raise
+        if not await self._finish(p):
+            self._alone_change(kind.name, touched)
+        return result
+
+    async def _undo(self, undo, reason: str) -> None:
+        try:
+            if not undo:
+                raise PeerError("no way to undo it")
+            for kind, fields in undo:
+                await self.mirror.call(kind, fields)
+        except PeerError:
+            await self.mirror.diverged(reason)
 
     def _alone_change(self, what: str, path: bytes) -> None:
         """A change the peer does not get: its copy is out of date from now on."""
@@ -290,20 +323,34 @@ class MirrorFS(pyfuse3.Operations):
         dfd = self.tree.fd(parent)
         parent_path = self.tree.path(parent)
         uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
-        fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
-        fh = self._new_fh()
+        fh, now = self._new_fh(), time.time_ns()
+
+        def local():
+            fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
+            sysops.set_times(fd, None, now)
+            sysops.set_times(dfd, None, now)
+            return fd
+        fd = await self._both(replicate, K.CREATE, dict(
+            handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
+            parent=parent_path, name=name), self._child(parent, name), local,
+            undo=self._undo_new(K.UNLINK, dfd, parent_path, name, fh))
         try:
             st = os.fstat(fd)
-            await self._replicate(replicate, K.CREATE, dict(
-                handle=fh, flags=flags, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-                mtime=st.st_mtime_ns, pmtime=os.fstat(dfd).st_mtime_ns,
-                parent=parent_path, name=name), self._child(parent, name))
             ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
         except BaseException:
             os.close(fd)
             raise
         self._files[fh] = _File(fd, ino, True, replicate and self._linked())
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
+
+    def _undo_new(self, kind: K, dfd: int, parent_path: bytes, name: bytes, fh: int = 0):
+        """Operations that remove from the peer a node we failed to create here."""
+        def pmtime():
+            return os.fstat(dfd).st_mtime_ns
+        ops = [(kind, _Lazy(pmtime=pmtime, parent=parent_path, name=name))]
+        if fh:
+            ops.append((K.RELEASE, dict(handle=fh)))
+        return ops
 
     @_answer
     async def write(self, fh, off, buf):
@@ -334,9 +381,9 @@ class MirrorFS(pyfuse3.Operations):
             raise local.error
         return local.written
 
-    async def _finish(self, p) -> None:
-        if p is not None:
-            await self.mirror.finish(p)
+    async def _finish(self, p) -> bool:
+        """Wait for the peer's outcome; True if it applied the change."""
+        return p is not None and await self.mirror.finish(p)
 
     async def _repair(self, f: _File, fh: int, off: int, length: int) -> None:
         """A write failed (or was short) here but may have succeeded on the peer: send
@@ -448,17 +495,21 @@ class MirrorFS(pyfuse3.Operations):
         dfd = self.tree.fd(parent)
         parent_path = self.tree.path(parent)
         uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
-        make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        common = dict(uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns,
-                      pmtime=os.fstat(dfd).st_mtime_ns, parent=parent_path, name=name)
+        now = time.time_ns()
+        common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=parent_path, name=name)
         if kind == "dir":
-            op, fields = K.MKDIR, dict(mode=st.st_mode, **common)
+            op, fields, undo = K.MKDIR, dict(mode=mode, **common), K.RMDIR
         elif kind == "node":
-            op, fields = K.MKNOD, dict(mode=st.st_mode, rdev=st.st_rdev, **common)
+            op, fields, undo = K.MKNOD, dict(mode=mode, rdev=rdev, **common), K.UNLINK
         else:
-            op, fields = K.SYMLINK, dict(target=target, **common)
-        await self._replicate(replicate, op, fields, self._child(parent, name))
+            op, fields, undo = K.SYMLINK, dict(target=target, **common), K.UNLINK
+
+        def local():
+            make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
+            sysops.set_times(dfd, None, now, name)
+            sysops.set_times(dfd, None, now)
+        await self._both(replicate, op, fields, self._child(parent, name), local,
+                         undo=self._undo_new(undo, dfd, parent_path, name))
         ino, st = self.tree.lookup(parent, name)
         return self._attr(ino, st)
 
@@ -480,12 +531,16 @@ class MirrorFS(pyfuse3.Operations):
         replicate = await self._may_change()
         source = self.tree.path(ino)
         parent_path = self.tree.path(new_parent)
-        dfd = self.tree.fd(new_parent)
-        os.link(sysops.proc_path(self.tree.fd(ino)), new_name, dst_dir_fd=dfd,
-                follow_symlinks=True)
-        await self._replicate(replicate, K.LINK, dict(
-            pmtime=os.fstat(dfd).st_mtime_ns, source=source, parent=parent_path, name=new_name),
-            self._child(new_parent, new_name))
+        dfd, src = self.tree.fd(new_parent), self.tree.fd(ino)
+        now = time.time_ns()
+
+        def local():
+            os.link(sysops.proc_path(src), new_name, dst_dir_fd=dfd, follow_symlinks=True)
+            sysops.set_times(dfd, None, now)
+        await self._both(replicate, K.LINK, dict(
+            pmtime=now, source=source, parent=parent_path, name=new_name),
+            self._child(new_parent, new_name), local,
+            undo=self._undo_new(K.UNLINK, dfd, parent_path, new_name))
         ino, st = self.tree.lookup(new_parent, new_name)
         return self._attr(ino, st)
 
@@ -494,14 +549,14 @@ class MirrorFS(pyfuse3.Operations):
         dfd = self.tree.fd(parent)
         parent_path = self.tree.path(parent)
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if kind == K.RMDIR:
-            os.rmdir(name, dir_fd=dfd)
-        else:
-            os.unlink(name, dir_fd=dfd)
+        now = time.time_ns()
+
+        def local():
+            (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
+            sysops.set_times(dfd, None, now)
+        await self._both(replicate, kind, dict(pmtime=now, parent=parent_path, name=name),
+                         self._child(parent, name), local)
         self.tree.moved(self.tree.ino_of(st), (parent, name), None)
-        await self._replicate(replicate, kind, dict(
-            pmtime=os.fstat(dfd).st_mtime_ns, parent=parent_path, name=name),
-            self._child(parent, name))
 
     @_answer
     async def unlink(self, parent, name, ctx):
@@ -520,11 +575,15 @@ class MirrorFS(pyfuse3.Operations):
         other = None
         if flags & sysops.RENAME_EXCHANGE:
             other = self.tree.ino_of(os.stat(name_new, dir_fd=dst, follow_symlinks=False))
-        sysops.rename(src, name_old, dst, name_new, flags)
+        now = time.time_ns()
+
+        def local():
+            sysops.rename(src, name_old, dst, name_new, flags)
+            sysops.set_times(src, None, now)
+            sysops.set_times(dst, None, now)
+        await self._both(replicate, K.RENAME, dict(
+            flags=flags, pmtime_old=now, pmtime_new=now, parent_old=path_old, name_old=name_old,
+            parent_new=path_new, name_new=name_new), self._child(parent_new, name_new), local)
         self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
         if other is not None:
             self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))
-        await self._replicate(replicate, K.RENAME, dict(
-            flags=flags, pmtime_old=os.fstat(src).st_mtime_ns,
-            pmtime_new=os.fstat(dst).st_mtime_ns, parent_old=path_old, name_old=name_old,
-            parent_new=path_new, name_new=name_new), self._child(parent_new, name_new))

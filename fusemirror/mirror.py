@@ -312,19 +312,28 @@ class Mirror:
         if fs is self._fs:
             await self._lost(reason)
 
-    async def finish(self, p: Pending | None) -> None:
-        """Wait for the outcome of an operation (see the module docstring)."""
+    async def finish(self, p: Pending | None) -> bool:
+        """Wait for the outcome of an operation (see the module docstring). True when
+        the peer applied it; False when it goes on without the peer (policy alone)."""
         if p is None:
-            return
+            return False
         await p.done.wait()
         if p.errno:
             log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))
-            if self.link == Link.CONNECTED:
-                await self._outdate(f"peer could not apply a change ({os.strerror(p.errno)})")
+            await self.diverged(f"peer could not apply a change ({os.strerror(p.errno)})")
             if self.policy == Policy.BLOCK:
                 raise PeerError(os.strerror(p.errno))
-        elif p.lost and self.policy == Policy.BLOCK:
-            raise PeerError("peer lost")
+            return False
+        if p.lost:
+            if self.policy == Policy.BLOCK:
+                raise PeerError("peer lost")
+            return False
+        return True
+
+    async def diverged(self, reason: str) -> None:
+        """The peer's copy no longer equals ours."""
+        if self.link in (Link.CONNECTED, Link.RECONNECTING):
+            await self._outdate(reason)
 
     async def call(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> None:
         await self.finish(await self.begin(kind, fields, compress=compress))

@@ -182,8 +182,8 @@ def make_node(dirfd: int, name: bytes, kind: str, *, mode: int = 0, rdev: int = 
     Shared by the primary (local apply) and the replica, so both build the same thing."""
     fd = None
     if kind == "file":
-        fd = os.open(name, (flags & ~STRIP_FLAGS) | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777,
-                     dir_fd=dirfd)
+        fd = os.open(name, (flags & ~STRIP_FLAGS) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     mode & 0o7777, dir_fd=dirfd)
     elif kind == "dir":
         os.mkdir(name, mode & 0o7777, dir_fd=dirfd)
     elif kind == "node":
