@@ -27,7 +27,6 @@ from .wire import FrameStream, LinkClosed, refuse
 log = logging.getLogger(__name__)
 
 _RECENT = 4096          # acknowledgements remembered for a resumed session
-_FSYNC_KINDS = (P.Kind.FSYNC, P.Kind.FSYNCDIR)
 
 
 class Session:
@@ -193,10 +192,9 @@ class ReplicaServer:
 
     async def _apply(self, s: Session, msg: P.Message) -> int:
         try:
-            if msg.kind in _FSYNC_KINDS:
-                inval = await trio.to_thread.run_sync(s.applier.apply, msg)
-            else:
-                inval = s.applier.apply(msg)
+            # Operations are applied one after the other, in order, on the loop: a thread
+            # per fsync would only add latency (nothing else may be applied meanwhile).
+            inval = s.applier.apply(msg)
         except OSError as e:
             err = e.errno or E.EIO
             log.error("cannot apply %s (seq %d): %s; this copy is now out of date",

@@ -12,6 +12,7 @@ from . import protocol as P
 log = logging.getLogger(__name__)
 
 _RECV = 1 << 20
+_COALESCE = 64 * 1024
 
 
 class LinkClosed(Exception):
@@ -36,6 +37,8 @@ class FrameStream:
         self._buf = bytearray()
 
     async def send_parts(self, parts) -> None:
+        if len(parts) > 1 and sum(len(p) for p in parts) <= _COALESCE:
+            parts = [b"".join(parts)]        # one segment for a small frame
         try:
             for part in parts:
                 await self.stream.send_all(part)
