@@ -29,7 +29,8 @@ from .wire import FrameStream, HandshakeRefused, LinkClosed, client_handshake
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 256
+MAX_IN_FLIGHT = 256                 # operations sent and not yet acknowledged
+MAX_IN_FLIGHT_BYTES = 64 << 20      # and their frames' bytes, kept for a resend
 PING_INTERVAL = 1.0
 RECONNECT_INTERVAL = 0.2
 
@@ -55,7 +56,7 @@ class Link(str, enum.Enum):
 
 
 class Pending:
-    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient")
+    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size")
 
     def __init__(self, seq: int, parts: list):
         self.seq = seq
@@ -66,6 +67,7 @@ class Pending:
         self.chunks: list[bytes] | None = None
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
+        self.size = sum(len(x) for x in parts)
 
 
 class Mirror:
@@ -87,7 +89,7 @@ class Mirror:
         self._seq = 0
         self._pending: dict[int, Pending] = {}
         self._send_lock = trio.Lock()
-        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._window = _Window(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         self._changed = trio.Event()      # set on every change of self.link
         self._lost_at = 0.0
         self._connected_once = trio.Event()
@@ -181,7 +183,7 @@ class Mirror:
             self.stats["last_rtt_us"] = int((time.monotonic() - p.sent) * 1e6)
         p.errno = errno
         p.done.set()
-        self._slots.release()
+        self._window.release(p.size)
 
     async def _watchdog(self) -> None:
         """Declares the link lost when the oldest operation waits longer than the timeout
@@ -237,7 +239,7 @@ class Mirror:
             p = self._pending.pop(seq)
             p.lost = True
             p.done.set()
-            self._slots.release()
+            self._window.release(p.size)
 
     async def _reconnect(self) -> None:
         deadline = self._lost_at + self.timeout
@@ -291,7 +293,7 @@ class Mirror:
         if self.link not in (Link.CONNECTED, Link.RECONNECTING):
             return None
         prepared = P.Prepared(kind, fields, compress)
-        await self._slots.acquire()
+        await self._window.acquire(prepared.length + P.HEADER_SIZE)
         async with self._send_lock:
             self._seq += 1
             seq = self._seq
@@ -299,7 +301,7 @@ class Mirror:
             p = Pending(seq, parts)
             self._pending[seq] = p
             self.stats["ops"] += 1
-            self.stats["bytes"] += sum(len(x) for x in parts)
+            self.stats["bytes"] += p.size
             if self.link == Link.CONNECTED and self._fs is not None:
                 try:
                     await self._fs.send_parts(parts)
@@ -342,7 +344,7 @@ class Mirror:
         """The peer's manifest of its copy (JSON lines)."""
         if self.link not in (Link.CONNECTED, Link.OUTDATED) or self._fs is None:
             raise PeerError("not connected to the peer")
-        await self._slots.acquire()
+        await self._window.acquire(P.HEADER_SIZE)
         async with self._send_lock:
             self._seq += 1
             p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}))
@@ -379,3 +381,26 @@ class Mirror:
                 "session": "%016x" % self.session, "in_flight": len(self._pending),
                 "peer_outdated": bool(self.state.get("peer_outdated")), **self.stats}
 
+
+
+class _Window:
+    """Bounds what is in flight, in operations and in bytes: a slow peer makes writers
+    wait here instead of making the agent's memory grow."""
+
+    def __init__(self, ops: int, size: int):
+        self.max_ops, self.max_bytes = ops, size
+        self.ops = self.bytes = 0
+        self._freed = trio.Event()
+
+    async def acquire(self, size: int) -> None:
+        # A frame larger than the whole window still goes, alone.
+        while self.ops >= self.max_ops or (self.ops and self.bytes + size > self.max_bytes):
+            await self._freed.wait()
+        self.ops += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.ops -= 1
+        self.bytes -= size
+        self._freed.set()
+        self._freed = trio.Event()
