@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import cli, free_port, is_mounted
+from conftest import cli, free_port, is_mounted, wait_for
+from fusemirror.statefile import escape
 from netproxy import Proxy
 
 
@@ -72,33 +73,55 @@ def test_versions_n_and_n_plus_1_side_by_side(make_pair):
 
 # --- the peer dies or freezes ----------------------------------------------------
 
-def test_replica_killed_block_policy_fails_with_eio(make_pair):
+def _streamer(path, mib, queue):
+    """Write mib MiB in 1 MiB blocks, then fsync; report errno (0: all acknowledged)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        block = os.urandom(1 << 20)
+        for _ in range(mib):
+            os.write(fd, block)
+        os.fsync(fd)
+        os.close(fd)
+        queue.put(0)
+    except OSError as e:
+        queue.put(e.errno)
+
+
+def _kill_replica_mid_write(pair):
+    q = multiprocessing.Queue()
+    w = multiprocessing.Process(target=_streamer, args=(pair.primary.path("big"), 400, q))
+    w.start()
+    wait_for(lambda: os.path.exists(pair.replica.path("big"))
+             and os.stat(pair.replica.path("big")).st_size > (8 << 20), what="the stream")
+    pair.replica.kill()
+    w.join(60)
+    return q.get(timeout=5)
+
+
+def test_replica_killed_mid_write_block_policy_fails_with_eio(make_pair):
     pair = make_pair(policy="block", timeout=2.0).start()
     write_sync(pair.primary.path("before"))
-    pair.replica.kill()
-    start = time.monotonic()
-    expect_errno(errno.EIO, write_sync, pair.primary.path("during"))
-    took = time.monotonic() - start
-    assert 1.5 <= took < 15, took
+    assert _kill_replica_mid_write(pair) == errno.EIO
     assert pair.primary.state()["peer_outdated"] is True
-    # From now on nothing is acknowledged that the peer does not have.
+    start = time.monotonic()
+    # From now on nothing is acknowledged that the peer does not have, and quickly.
     expect_errno(errno.EIO, os.mkdir, pair.primary.path("later"))
+    assert time.monotonic() - start < 1
     assert "PEER OUT OF DATE" in pair.primary.log()
 
 
-def test_replica_killed_alone_policy_goes_on_and_records(make_pair):
+def test_replica_killed_mid_write_alone_policy_goes_on_and_records(make_pair):
     pair = make_pair(policy="alone", timeout=2.0).start()
     write_sync(pair.primary.path("before"))
-    pair.replica.kill()
-    write_sync(pair.primary.path("during"))
+    assert _kill_replica_mid_write(pair) == 0
     os.mkdir(pair.primary.path("dir"))
-    state = pair.primary.state()
-    assert state["peer_outdated"] is True
-    with open(os.path.join(pair.primary.state_dir, os.listdir(pair.primary.state_dir)[0]
-                           .replace(".state", ".changes"))) as f:
-        changes = f.read()
-    assert b"dir".hex() in changes
+    assert pair.primary.state()["peer_outdated"] is True
+    changes = os.path.join(pair.primary.state_dir, escape(pair.primary.dir) + ".changes")
+    with open(changes) as f:
+        recorded = f.read()
+    assert b"dir".hex() in recorded and b"big".hex() in recorded
     assert pair.primary.status()["mirror"]["link"] in ("closed", "outdated")
+    assert os.path.getsize(pair.primary.path("big")) == 400 << 20
 
 
 def test_frozen_replica_block_policy_times_out(make_pair):
