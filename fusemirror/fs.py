@@ -305,9 +305,9 @@ class MirrorFS(pyfuse3.Operations):
         try:
             if writable:
                 st = os.fstat(fd)
+                path = self.tree.path(ino)
                 await self._replicate(replicate, K.OPEN, dict(
-                    handle=fh, flags=flags, mtime=st.st_mtime_ns,
-                    path=self.tree.path(ino)), b"" if replicate else self.tree.path(ino))
+                    handle=fh, flags=flags, mtime=st.st_mtime_ns, path=path), path)
         except BaseException:
             os.close(fd)
             raise

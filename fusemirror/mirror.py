@@ -92,8 +92,7 @@ class Mirror:
         self._window = _Window(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         self._changed = trio.Event()      # set on every change of self.link
         self._lost_at = 0.0
-        self._connected_once = trio.Event()
-        self._wake_reader = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0}
 
     # --- connecting ----------------------------------------------------------
@@ -143,6 +142,7 @@ class Mirror:
     # --- background tasks ----------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._watchdog)
             task_status.started()
             while self.link != Link.CLOSED:
@@ -222,7 +222,13 @@ class Mirror:
 
     async def _outdate(self, reason: str) -> None:
         """The peer's copy is no longer good: record it durably, then release waiters."""
-        await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
+        try:
+            await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
+        except OSError as e:
+            # Going on alone without a durable record could later make a stale copy look
+            # good: refuse writes instead, whatever the policy.
+            log.critical("cannot record that the peer is out of date (%s): refusing writes", e)
+            self.policy = Policy.BLOCK
         log.error("PEER OUT OF DATE: %s; the mount goes on %s", reason,
                   "alone, recording what changes" if self.policy == Policy.ALONE
                   else "refusing writes (policy block)")
@@ -306,8 +312,7 @@ class Mirror:
                 try:
                     await self._fs.send_parts(parts)
                 except LinkClosed as e:
-                    fs = self._fs
-                    trio.lowlevel.spawn_system_task(self._lost_later, fs, str(e))
+                    self._nursery.start_soon(self._lost_later, self._fs, str(e))
         return p
 
     async def _lost_later(self, fs, reason):

@@ -430,7 +430,7 @@ def test_xattrs(pair):
         os.setxattr(p.path("f"), "user.a", b"1")
         fresh(pair, "f")
         os.setxattr(p.path("f"), "user.a", b"22")                       # replace
-        os.setxattr(p.path("f"), "user.bin", bytes(range(256)) * 16)     # 4 KiB, binary
+        os.setxattr(p.path("f"), "user.bin", bytes(range(256)) * 8)      # 2 KiB, binary
         os.setxattr(p.path("f"), "user.empty", b"")
         fails(errno.EEXIST, os.setxattr, p.path("f"), "user.a", b"3", os.XATTR_CREATE)
         fails(errno.ENODATA, os.setxattr, p.path("f"), "user.nope", b"3", os.XATTR_REPLACE)
@@ -623,7 +623,12 @@ def test_hard_links(pair):
     os.symlink("third", p.path("sym"))
     os.link(p.path("sym"), p.path("symlink-link"), follow_symlinks=False)  # links the symlink
     assert os.readlink(p.path("symlink-link")) == "third"
-    os.link(p.path("sym"), p.path("followed"), follow_symlinks=True)      # links third
+    root = os.open(p.dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:                     # linkat(AT_SYMLINK_FOLLOW) (os.link without dir_fd calls link(2))
+        os.link("sym", "followed", src_dir_fd=root, dst_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
+    assert stat.S_ISREG(os.lstat(p.path("followed")).st_mode)
     assert os.stat(r.path("third")).st_nlink == 3
     fresh(pair, "d/other", "third", "sym", "symlink-link", "followed", "d", "")
     pair.assert_identical()
