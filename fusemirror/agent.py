@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import control, manifest
+from . import control, manifest, sysops
 from . import errors as X
 from . import protocol as P
 from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
@@ -354,6 +354,7 @@ class Agent:
 
 def prepare_process() -> None:
     os.umask(0)
+    sysops.keep_large_buffers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
