@@ -300,7 +300,11 @@ class Mirror:
             return None
         prepared = P.Prepared(kind, fields, compress)
         await self._window.acquire(prepared.length + P.HEADER_SIZE)
-        async with self._send_lock:
+        try:
+            self._send_lock.acquire_nowait()     # the usual case: no scheduler pass
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             self._seq += 1
             seq = self._seq
             parts = prepared.stamp(seq)
@@ -313,6 +317,8 @@ class Mirror:
                     await self._fs.send_parts(parts)
                 except LinkClosed as e:
                     self._nursery.start_soon(self._lost_later, self._fs, str(e))
+        finally:
+            self._send_lock.release()
         return p
 
     async def _lost_later(self, fs, reason):

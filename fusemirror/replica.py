@@ -82,10 +82,7 @@ class ReplicaServer:
 
     async def _handle(self, stream) -> None:
         fs = FrameStream(stream)
-        try:
-            peer = "%s:%s" % stream.socket.getpeername()[:2]
-        except OSError:
-            peer = "?"
+        peer = fs.peer
         try:
             with trio.fail_after(self.timeout):
                 sid = await self._handshake(fs, peer)

@@ -1,9 +1,10 @@
-"""Frames over a trio stream: the I/O half of protocol.py, and the handshake."""
+"""Frames over a TCP connection: the I/O half of protocol.py, and the handshake."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import trio
 
@@ -11,7 +12,7 @@ from . import protocol as P
 
 log = logging.getLogger(__name__)
 
-_RECV = 1 << 20
+_RECV = 256 * 1024
 _COALESCE = 64 * 1024
 
 
@@ -28,73 +29,96 @@ class HandshakeRefused(Exception):
 
 
 class FrameStream:
-    """Sends and receives whole frames on one trio stream. One sender at a time
-    (callers hold their own lock); one receiver."""
+    """Sends and receives whole frames on one TCP connection. One sender at a time
+    (callers hold their own lock); one receiver.
 
-    def __init__(self, stream: trio.abc.Stream, version: int = P.PROTOCOL_MAX):
-        self.stream = stream
+    It takes the socket out of the trio stream it is given and drives it directly:
+    a send or receive that can complete at once does so without yielding to the
+    scheduler, and only waits (wait_writable / wait_readable) when the kernel says
+    EAGAIN. This saves several scheduler passes per operation on the data path."""
+
+    def __init__(self, stream: trio.SocketStream, version: int = P.PROTOCOL_MAX):
         self.version = version
         self._buf = bytearray()
+        self._chunk = memoryview(bytearray(_RECV))
+        tsock = stream.socket
+        self.peer = _peer_name(tsock)
+        self.sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._closed = False
 
     async def send_parts(self, parts) -> None:
         if len(parts) > 1 and sum(len(p) for p in parts) <= _COALESCE:
             parts = [b"".join(parts)]        # one segment for a small frame
         try:
             for part in parts:
-                await self.stream.send_all(part)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise LinkClosed(str(e) or type(e).__name__) from None
+                view = memoryview(part)
+                while view:
+                    try:
+                        n = self.sock.send(view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self.sock)
+                        continue
+                    view = view[n:]
+        except (OSError, trio.ClosedResourceError) as e:
+            raise LinkClosed(getattr(e, "strerror", None) or str(e) or type(e).__name__) \
+                from None
 
     async def send(self, kind: P.Kind, seq: int = 0, fields: dict | None = None, *,
                    compress: bool = False) -> None:
         await self.send_parts(P.encode(kind, seq, fields, compress=compress))
 
-    async def _recv_some(self, n: int) -> bytes:
-        try:
-            data = await self.stream.receive_some(n)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise LinkClosed(str(e) or type(e).__name__) from None
-        if not data:
-            raise LinkClosed("connection closed by peer")
-        return data
-
-    async def _recv_into(self, view: memoryview) -> None:
-        """Fill view completely, straight from the socket when there is one (no copies)."""
-        sock = getattr(self.stream, "socket", None)
-        while view:
-            if sock is None:
-                data = await self._recv_some(len(view))
-                view[:len(data)] = data
-                n = len(data)
-            else:
+    async def _recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
                 try:
-                    n = await sock.recv_into(view)
-                except (trio.ClosedResourceError, OSError) as e:
-                    raise LinkClosed(str(e) or type(e).__name__) from None
-                if n == 0:
-                    raise LinkClosed("connection closed by peer")
-            view = view[n:]
+                    await trio.lowlevel.wait_readable(self.sock)
+                except trio.ClosedResourceError:
+                    raise LinkClosed("connection closed") from None
+                continue
+            except OSError as e:
+                raise LinkClosed(e.strerror or str(e)) from None
+            if n == 0:
+                raise LinkClosed("connection closed by peer")
+            return n
 
     async def receive(self) -> P.Message:
         """The next message; raises LinkClosed, ChecksumError or ProtocolError."""
         while len(self._buf) < P.HEADER_SIZE:
-            self._buf += await self._recv_some(_RECV)
+            n = await self._recv_into(self._chunk)
+            self._buf += self._chunk[:n]
         header = P.parse_header(bytes(self._buf[:P.HEADER_SIZE]))
         del self._buf[:P.HEADER_SIZE]
         payload = bytearray(header.length)
         have = min(len(self._buf), header.length)
         payload[:have] = self._buf[:have]
         del self._buf[:have]
-        if have < header.length:
-            await self._recv_into(memoryview(payload)[have:])
+        view = memoryview(payload)[have:]
+        while view:
+            view = view[await self._recv_into(view):]
         return P.decode_payload(header, payload, self.version)
 
     async def aclose(self) -> None:
-        with trio.move_on_after(1, shield=True):
-            try:
-                await self.stream.aclose()
-            except (trio.BrokenResourceError, OSError):
-                pass
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self.sock)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _peer_name(tsock) -> str:
+    try:
+        return "%s:%s" % tsock.getpeername()[:2]
+    except OSError:
+        return "?"
 
 
 async def client_handshake(fs: FrameStream, secret: bytes, session: int, label: bytes,
