@@ -59,6 +59,8 @@ def _mount_argv(params: dict) -> list[str]:
             argv += ["--" + opt.replace("_", "-"), str(params[opt])]
     if not params["compress"]:
         argv.append("--no-compress")
+    if params.get("verbose"):
+        argv.append("--verbose")
     return argv
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno as E
 import logging
 import os
+import re
 import resource
 import signal
 from dataclasses import dataclass
@@ -73,26 +74,31 @@ def fuse_mounted(mountpoint: str) -> str | None:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == mountpoint:
+            if _unescape(fields[4]) == mountpoint:
                 found = fields[sep + 1]
     return found if found and found.startswith("fuse") else None
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    raw = os.fsencode(field)
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw))
 
 
 def preflight(o: Options) -> None:
     if not os.path.exists("/dev/fuse"):
         raise X.Failure(X.NO_FUSE, "/dev/fuse does not exist: load the fuse module "
                                    "(modprobe fuse) or install fuse3")
-    if not os.path.isdir(o.mountpoint):
-        what = "does not exist" if not os.path.exists(o.mountpoint) else "is not a directory"
-        raise X.Failure(X.BAD_DIR, f"{o.mountpoint} {what}")
     try:
         kind = fuse_mounted(o.mountpoint)
     except OSError:
         kind = None
-    if kind is not None:
+    if kind is not None:       # checked first: a dead FUSE mount does not even stat
         raise X.Failure(X.MOUNTED, f"{o.mountpoint} is already mounted ({kind}); "
                                    f"unmount it first (fusemirror umount or fusermount3 -u)")
+    if not os.path.isdir(o.mountpoint):
+        what = "does not exist" if not os.path.exists(o.mountpoint) else "is not a directory"
+        raise X.Failure(X.BAD_DIR, f"{o.mountpoint} {what}")
     if o.role == PRIMARY and o.peer is None:
         raise X.Failure(X.BAD_CONFIG, "role primary needs --peer HOST:PORT")
     if o.role == REPLICA and o.listen is None:
@@ -141,6 +147,19 @@ class Agent:
             raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} is out of date; with "
                                        f"--on-peer-loss block nothing could be written")
         return mirror
+
+    async def _switch_to_primary(self, peer) -> None:
+        """The old link (if any) stays until the new one works."""
+        old = self.mirror
+        if old is not None:
+            old.retire()
+        try:
+            mirror = await self._connect_primary(peer)
+        except X.Failure:
+            if old is not None:
+                old.retire(False)
+            raise
+        await self._adopt_primary(mirror)
 
     async def _adopt_primary(self, mirror: Mirror) -> None:
         await self._stop_replica()
@@ -211,12 +230,14 @@ class Agent:
                     with trio.move_on_after(self.o.timeout):
                         await self.mirror.drain()
                 if role == PRIMARY:
-                    # the old link stays until the new one works
-                    await self._adopt_primary(await self._connect_primary(peer))
+                    await self._switch_to_primary(peer)
                 elif role == REPLICA:
-                    if old == REPLICA:
-                        await self._stop_replica()
-                    await self._adopt_replica(await self._bind_replica(listen))
+                    if old == REPLICA and listen == self.o.listen:
+                        pass                      # already listening there
+                    else:
+                        if old == REPLICA and self.replica is not None:
+                            await self._stop_replica()
+                        await self._adopt_replica(await self._bind_replica(listen))
                 else:
                     await self._stop_mirror()
                     await self._stop_replica()

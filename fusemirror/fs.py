@@ -7,9 +7,11 @@ the mount on any other exception).
 
 Roles: "primary" applies each change locally and on the peer before answering;
 "replica" refuses every change with EROFS; "alone" applies changes locally and
-journals what changed. Namespace and attribute changes are applied locally first
-and then replicated with their exact results (mode, owner, times); writes and
-fsync go to the peer and to the local disk at the same time.
+journals what changed. Writes, fsync and namespace changes (create, mkdir, link,
+unlink, rename...) go to the peer and to the local disk at the same time, with the
+mode, owner and times fixed by the primary, so both copies get the same metadata;
+a namespace change that fails here but not on the peer is undone there. Attribute
+and xattr changes are applied here first, then replicated with their results.
 """
 
 from __future__ import annotations

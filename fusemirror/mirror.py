@@ -93,6 +93,7 @@ class Mirror:
         self._changed = trio.Event()      # set on every change of self.link
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
+        self._retiring = False
         self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0}
 
     # --- connecting ----------------------------------------------------------
@@ -201,8 +202,13 @@ class Mirror:
                 if p is not None:
                     p.done.set()  # nobody waits for a ping; its ack still proves liveness
 
+    def retire(self, retiring: bool = True) -> None:
+        """While another link to the same peer is being set up, the peer may drop this
+        one: that is not a loss (and must not start a reconnection)."""
+        self._retiring = retiring
+
     async def _lost(self, reason: str) -> None:
-        if self.link not in (Link.CONNECTED, Link.OUTDATED):
+        if self.link not in (Link.CONNECTED, Link.OUTDATED) or self._retiring:
             return
         fs, self._fs = self._fs, None
         if fs is not None:
@@ -361,7 +367,10 @@ class Mirror:
             p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}))
             p.patient = True  # hashing a big tree may take longer than the timeout
             self._pending[p.seq] = p
-            await self._fs.send_parts(p.parts)
+            try:
+                await self._fs.send_parts(p.parts)
+            except LinkClosed as e:
+                self._nursery.start_soon(self._lost_later, self._fs, str(e))
         await p.done.wait()
         if p.lost or p.chunks is None:
             raise PeerError("peer lost while building its manifest")

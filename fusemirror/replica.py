@@ -112,6 +112,8 @@ class ReplicaServer:
         hello = await fs.receive()
         if hello.kind != P.Kind.HELLO:
             raise P.ProtocolError(f"expected HELLO, got {hello.kind.name}")
+        if len(hello.nonce) != P.NONCE_SIZE:
+            raise P.ProtocolError("HELLO carries a nonce of the wrong size")
         version = P.choose_version(hello.version_min, hello.version_max, *self.versions)
         if version is None:
             self.stats["refused"] += 1
@@ -150,6 +152,12 @@ class ReplicaServer:
         return hello.session
 
     async def _serve(self, fs: FrameStream) -> None:
+        try:
+            await self._serve_frames(fs)
+        except LinkClosed as e:
+            log.warning("primary connection lost: %s", e)
+
+    async def _serve_frames(self, fs: FrameStream) -> None:
         s = self.session
         while True:
             try:
@@ -181,11 +189,7 @@ class ReplicaServer:
                 continue
             err = await self._apply(s, msg)
             s.remember(msg.seq, err)
-            try:
-                await fs.send(P.Kind.ACK, msg.seq, dict(errno=err))
-            except LinkClosed as e:
-                log.warning("primary connection lost: %s", e)
-                return
+            await fs.send(P.Kind.ACK, msg.seq, dict(errno=err))
 
     async def _apply(self, s: Session, msg: P.Message) -> int:
         try:
@@ -193,11 +197,11 @@ class ReplicaServer:
             # per fsync would only add latency (nothing else may be applied meanwhile).
             inval = s.applier.apply(msg)
         except OSError as e:
+            # Reported to the primary, which decides: the same change may have failed
+            # the same way there (rmdir of a non-empty directory), or not (disk full).
             err = e.errno or E.EIO
-            log.error("cannot apply %s (seq %d): %s; this copy is now out of date",
-                      msg.kind.name, msg.seq, os.strerror(err))
-            await trio.to_thread.run_sync(self.state.mark_self, False,
-                                          f"could not apply {msg.kind.name}: {os.strerror(err)}")
+            log.warning("could not apply %s (seq %d): %s", msg.kind.name, msg.seq,
+                        os.strerror(err))
             return err
         self.stats["ops"] += 1
         if msg.kind == P.Kind.WRITE:

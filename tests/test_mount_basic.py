@@ -117,3 +117,17 @@ def test_open_existing_file_with_o_nofollow(pair):
     fd = os.open(pair.replica.path("x.db"), os.O_RDONLY | os.O_NOFOLLOW)
     os.close(fd)
     pair.assert_identical()
+
+
+def test_dead_mount_after_kill_is_reported_as_mounted(scratch):
+    from conftest import Node
+    node = Node(scratch, "n")
+    try:
+        node.mount("--role", "alone")
+        node.kill()                        # kill -9: the kernel mount stays, dead
+        p = cli("mount", node.dir, "--role", "alone", "--state-dir", node.state_dir,
+                check=False)
+        assert p.returncode == 5 and "already mounted" in p.stderr, p.stderr
+    finally:
+        node.close()                       # fusermount3 -u -z, by the fixture's rules
+    assert not is_mounted(node.dir)
