@@ -32,7 +32,7 @@ from . import sysops
 from .apply import apply_setattr
 from .mirror import Mirror, PeerError
 from .statefile import StateFile
-from .tree import O_PATH_FLAGS, NoSuchInode, Tree, make_node, owner_for
+from .tree import O_PATH_FLAGS, NoName, NoSuchInode, Tree, make_node, owner_for
 
 log = logging.getLogger(__name__)
 K = P.Kind
@@ -105,6 +105,18 @@ class _LocalWrite:
         await trio.to_thread.run_sync(self.run)
 
 
+def _masked(dfd: int, mode: int, ctx) -> int:
+    """The mode a new node gets: the caller's umask applies, unless the directory has
+    a default ACL, which the backing filesystem then applies instead (on both nodes,
+    since the ACL is replicated)."""
+    try:
+        if "system.posix_acl_default" in os.listxattr(sysops.proc_path(dfd)):
+            return mode
+    except OSError:
+        pass
+    return mode & ~ctx.umask
+
+
 class _Lazy(dict):
     """Fields of an undo operation; callables are evaluated when it is sent."""
 
@@ -115,6 +127,9 @@ class _Lazy(dict):
 
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
+    # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs in the backing
+    # files) and leaves the umask to us, so that a default ACL can replace it.
+    enable_acl = True
 
     def __init__(self, tree: Tree, state: StateFile, *, role: str = ALONE,
                  cache_timeout: float = 10.0, compress: bool = True):
@@ -304,12 +319,12 @@ class MirrorFS(pyfuse3.Operations):
     async def open(self, ino, flags, ctx):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         replicate = await self._may_change() if writable else False
+        path = self.tree.path(ino) if writable else b""     # before O_TRUNC acts here
         fd = self.tree.open_file(ino, flags)
         fh = self._new_fh()
         try:
             if writable:
                 st = os.fstat(fd)
-                path = self.tree.path(ino)
                 await self._replicate(replicate, K.OPEN, dict(
                     handle=fh, flags=flags, mtime=st.st_mtime_ns, path=path), path)
         except BaseException:
@@ -326,7 +341,7 @@ class MirrorFS(pyfuse3.Operations):
         replicate = await self._may_change()
         dfd = self.tree.fd(parent)
         parent_path = self.tree.path(parent)
-        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
+        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, _masked(dfd, mode, ctx))
         fh, now = self._new_fh(), time.time_ns()
 
         def local():
@@ -481,34 +496,55 @@ class MirrorFS(pyfuse3.Operations):
         f = self._files.get(fh) if fh is not None else None
         values = dict(mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
                       atime=attr.st_atime_ns, mtime=mtime)
-        by_handle = f is not None and f.replicated and f.writable
-        path = b"" if by_handle else self.tree.path(ino)
+        # Name the inode on the wire by a handle the peer has open (fchmod comes without
+        # one: any of the inode's will do), else by path, found before changing anything.
+        handle = fh if f is not None and f.replicated and f.writable else self._handle_of(ino)
+        path = b"" if handle else self._name_of(ino)
         apply_setattr(fd, mask, writable=f.fd if f is not None and f.writable else None,
                       is_symlink=stat.S_ISLNK(st.st_mode), **values)
-        await self._replicate(replicate, K.SETATTR, dict(
-            handle=fh if by_handle else 0, mask=mask, path=path, **values),
-            path or self.tree.path(ino))
+        if handle or path is not None:
+            await self._replicate(replicate, K.SETATTR, dict(
+                handle=handle, mask=mask, path=path or b"", **values), path or b"")
         return self._attr(ino, os.fstat(fd))
+
+    def _handle_of(self, ino: int) -> int:
+        for fh, f in self._files.items():
+            if f.ino == ino and f.replicated and f.writable:
+                return fh
+        return 0
+
+    def _name_of(self, ino: int) -> bytes | None:
+        """The inode's path, or None when it has no name left: an unlinked open file is
+        no longer part of the tree, and a change to it has nothing to replicate."""
+        try:
+            return self.tree.path(ino)
+        except NoName:
+            return None
 
     @_answer
     async def setxattr(self, ino, name, value, ctx):
         replicate = await self._may_change()
-        path = self.tree.path(ino)
+        path = self._name_of(ino)
         os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
-        await self._replicate(replicate, K.SETXATTR, dict(path=path, name=name, value=value), path)
+        if path is not None:
+            await self._replicate(replicate, K.SETXATTR, dict(path=path, name=name, value=value),
+                                  path)
 
     @_answer
     async def removexattr(self, ino, name, ctx):
         replicate = await self._may_change()
-        path = self.tree.path(ino)
+        path = self._name_of(ino)
         os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
-        await self._replicate(replicate, K.REMOVEXATTR, dict(path=path, name=name), path)
+        if path is not None:
+            await self._replicate(replicate, K.REMOVEXATTR, dict(path=path, name=name), path)
 
     # --- changing the namespace ----------------------------------------------
     async def _new_node(self, parent, name, kind, ctx, *, mode=0, rdev=0, target=b""):
         replicate = await self._may_change()
         dfd = self.tree.fd(parent)
         parent_path = self.tree.path(parent)
+        if kind != "symlink":
+            mode = _masked(dfd, mode, ctx)
         uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
         now = time.time_ns()
         common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=parent_path, name=name)

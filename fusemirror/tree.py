@@ -35,6 +35,13 @@ class NoSuchInode(Exception):
     """The kernel asked about an inode we do not hold (already forgotten)."""
 
 
+class NoName(FileNotFoundError):
+    """The inode has no name left in the tree (an unlinked file still open)."""
+
+    def __init__(self, ino: int):
+        super().__init__(2, f"inode {ino} has no name left")
+
+
 class _Node:
     __slots__ = ("fd", "nlookup", "aliases", "is_dir")
 
@@ -127,32 +134,38 @@ class Tree:
     def path(self, ino: int) -> bytes:
         """The path of ino relative to the root (b"." for the root itself), as the
         replica resolves it. Directories have exactly one; for a file, one of its
-        names that still exists."""
+        names that still exists. Raises NoName when it has none (an unlinked open
+        file) and OSError(ENAMETOOLONG) beyond PATH_MAX."""
         if ino == ROOT:
             return b"."
         node = self._nodes.get(ino)
         if node is None:
             raise NoSuchInode(ino)
         full = os.readlink(sysops.proc_path(node.fd).encode())
-        rel = self._relative(full)
         if node.is_dir:
+            # The kernel appends " (deleted)" to removed directories: a directory may
+            # also really be called that, and then it still has links.
+            if full.endswith(_DELETED) and os.fstat(node.fd).st_nlink == 0:
+                raise NoName(ino)
+            rel = self._relative(full)
             if rel is None:
-                raise FileNotFoundError(2, "directory no longer exists")
+                raise NoName(ino)
             return rel
-        if rel is not None and self._is(rel, ino):
-            return rel
+        candidates = [full, full[: -len(_DELETED)]] if full.endswith(_DELETED) else [full]
+        for cand in candidates:
+            rel = self._relative(cand)
+            if rel is not None and self._is(rel, ino):
+                return rel
         for parent, name in list(node.aliases):
             try:
                 cand = self.path(parent) + b"/" + name if parent != ROOT else name
-            except (OSError, NoSuchInode):
+            except (OSError, NoSuchInode, NoName):
                 continue
             if self._is(cand, ino):
                 return cand
-        raise FileNotFoundError(2, "file has no name left")
+        raise NoName(ino)
 
     def _relative(self, full: bytes) -> bytes | None:
-        if full.endswith(_DELETED):
-            full = full[: -len(_DELETED)]
         prefix = self.root_path.rstrip(b"/") + b"/"
         if not full.startswith(prefix):
             return None
