@@ -48,6 +48,19 @@ class Options:
     versions: tuple[int, int] = (P.PROTOCOL_MIN, P.PROTOCOL_MAX)
 
 
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError as e:      # already gone from the kernel's caches, or unmounting
+        if e.errno not in (E.ENOENT, E.ENOTCONN, E.EBADF):
+            log.warning("cannot invalidate %r: %s", args, e)
+
+
+def _run_all(calls) -> None:
+    for fn, *args in calls:
+        _quietly(fn, *args)
+
+
 def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
@@ -252,20 +265,24 @@ class Agent:
 
     # --- replica cache invalidation -------------------------------------------
     async def _invalidate(self, items) -> None:
+        """Make the replica's kernel forget what an applied operation changed, before the
+        operation is acknowledged: a reader on the replica never sees stale data. Only
+        inodes the kernel knows need it. Entry and data invalidations may wait for a
+        request in flight on the same directory or pages, so they run in a worker
+        thread while the loop goes on answering requests."""
+        slow = []
         for item in items:
-            ino = self.tree.root_st_ino == item[1] and pyfuse3.ROOT_INODE or item[1]
+            ino = pyfuse3.ROOT_INODE if item[1] == self.tree.root_st_ino else item[1]
             if not self.tree.known(ino):
                 continue
-            try:
-                if item[0] == "entry":
-                    pyfuse3.invalidate_entry_async(ino, item[2], ignore_enoent=True)
-                elif item[0] == "attr":
-                    pyfuse3.invalidate_inode(ino, attr_only=True)
-                else:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as e:
-                if e.errno not in (E.ENOENT, E.ENOTCONN):
-                    log.warning("cannot invalidate inode %d: %s", ino, e)
+            if item[0] == "attr":
+                _quietly(pyfuse3.invalidate_inode, ino, True)
+            elif item[0] == "entry":
+                slow.append((pyfuse3.invalidate_entry, ino, item[2]))
+            else:
+                slow.append((pyfuse3.invalidate_inode, ino, False))
+        if slow:
+            await trio.to_thread.run_sync(_run_all, slow)
 
     # --- control requests ------------------------------------------------------
     def _manifest_bytes(self) -> bytes:
