@@ -128,7 +128,8 @@ class _Lazy(dict):
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs in the backing
-    # files) and leaves the umask to us, so that a default ACL can replace it.
+    # files, replicated like any xattr). It still applies the umask itself: pyfuse3
+    # cannot ask for FUSE_DONT_MASK, so a default ACL cannot replace it (a known limit).
     enable_acl = True
 
     def __init__(self, tree: Tree, state: StateFile, *, role: str = ALONE,
@@ -169,10 +170,11 @@ class MirrorFS(pyfuse3.Operations):
             self._alone_change("WRITE", self._path_or_empty(f.ino))
 
     def _path_or_empty(self, ino: int) -> bytes:
+        """For the journal: a name, or b"" when there is none to record."""
         try:
-            return self.tree.path(ino)
+            return self._name_of(ino) or b""
         except (OSError, NoSuchInode):
-            return b""              # open but unlinked: no name left to record
+            return b""
 
     async def _may_change(self) -> bool:
         """Before a change: True to replicate it, False to apply it alone (journaled)."""
