@@ -264,6 +264,25 @@ def verify(directory):
     click.echo("identical")
 
 
+@cli.group()
+def config():
+    """Module configuration files (see docs/configuration.md)."""
+
+
+@config.command("check")
+@click.option("-c", "--config", "path", required=True, type=click.Path(dir_okay=False),
+              help="the module's TOML file")
+def config_check(path):
+    """Report every error of a module configuration, with its line; exit 0 when good."""
+    from fusemirror import config as cfg
+    problems = cfg.check(path)
+    for line in problems:
+        click.echo(line, err=True)
+    if problems:
+        sys.exit(X.BAD_CONFIG)
+    click.echo(f"{path}: ok")
+
+
 def entry():
     """Console entry point. Also accepts mount.fuse3's form `fusemirror SRC DIR -o OPTS`
     (fstab type fuse.fusemirror)."""

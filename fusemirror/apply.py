@@ -16,7 +16,7 @@ import stat
 
 from . import protocol as P
 from . import sysops
-from .tree import STRIP_FLAGS, O_PATH_FLAGS, make_node
+from .tree import STRIP_FLAGS, make_node
 
 log = logging.getLogger(__name__)
 K = P.Kind
@@ -52,18 +52,13 @@ class Applier:
         self.handles.clear()
 
     # --- helpers ---------------------------------------------------------------
+    # Paths come from the primary; they are resolved beneath the root, following no
+    # symlink, so a copy that differs can never lead outside the folder.
     def _dir(self, path: bytes) -> int:
-        if path == b".":
-            return os.dup(self.root_fd)
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        return sysops.open_beneath(self.root_fd, path, os.O_PATH | os.O_DIRECTORY)
 
     def _node(self, path: bytes) -> int:
-        if path == b".":
-            return os.dup(self.root_fd)
-        return os.open(path, O_PATH_FLAGS, dir_fd=self.root_fd)
-
-    def _xattr_path(self, path: bytes) -> bytes:
-        return sysops.proc_path(self.root_fd).encode() + b"/" + path
+        return sysops.open_beneath(self.root_fd, path, os.O_PATH | os.O_NOFOLLOW)
 
     def _handle(self, h: int) -> int:
         try:
@@ -90,8 +85,7 @@ class Applier:
         return []
 
     def _open(self, m):
-        fd = os.open(m.path, (m.flags & ~STRIP_FLAGS) | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     dir_fd=self.root_fd)
+        fd = sysops.open_beneath(self.root_fd, m.path, (m.flags & ~STRIP_FLAGS) | os.O_NOFOLLOW)
         self._bind(m.handle, fd)
         if m.flags & os.O_TRUNC:
             sysops.set_times(fd, None, m.mtime)
@@ -135,8 +129,7 @@ class Applier:
         return []
 
     def _fsyncdir(self, m):
-        fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd) \
-            if m.path != b"." else os.open(sysops.proc_path(self.root_fd), os.O_RDONLY)
+        fd = sysops.open_beneath(self.root_fd, m.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             (os.fdatasync if m.datasync else os.fsync)(fd)
         finally:
@@ -174,8 +167,11 @@ class Applier:
 
     def _link(self, m):
         def link(dfd):
-            os.link(m.source, m.name, src_dir_fd=self.root_fd, dst_dir_fd=dfd,
-                    follow_symlinks=False)
+            src = self._node(m.source)
+            try:
+                os.link(sysops.proc_path(src), m.name, dst_dir_fd=dfd, follow_symlinks=True)
+            finally:
+                os.close(src)
             st = os.stat(m.name, dir_fd=dfd, follow_symlinks=False)
             return [("entry", os.fstat(dfd).st_ino, m.name), ("attr", st.st_ino)]
         return self._in_dir(m.parent, m.pmtime, link)
@@ -218,12 +214,15 @@ class Applier:
         return inval
 
     def _setxattr(self, m):
-        os.setxattr(self._xattr_path(m.path), m.name, m.value, follow_symlinks=False)
-        return self._attr_of(m.path)
+        return self._on_node(m.path, lambda p: os.setxattr(p, m.name, m.value))
 
     def _removexattr(self, m):
-        os.removexattr(self._xattr_path(m.path), m.name, follow_symlinks=False)
-        return self._attr_of(m.path)
+        return self._on_node(m.path, lambda p: os.removexattr(p, m.name))
 
-    def _attr_of(self, path: bytes) -> list:
-        return [("attr", os.stat(path, dir_fd=self.root_fd, follow_symlinks=False).st_ino)]
+    def _on_node(self, path: bytes, fn) -> list:
+        fd = self._node(path)
+        try:
+            fn(sysops.proc_path(fd))
+            return [("attr", os.fstat(fd).st_ino)]
+        finally:
+            os.close(fd)

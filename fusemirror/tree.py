@@ -172,11 +172,16 @@ class Tree:
         return full[len(prefix):]
 
     def _is(self, rel: bytes, ino: int) -> bool:
+        """Does rel (resolved beneath the root, following no symlink) name ino? A
+        stale path may cross a symlink that now points into this very mount."""
         try:
-            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
+            fd = sysops.open_beneath(self.root_fd, rel, os.O_PATH | os.O_NOFOLLOW)
         except OSError:
             return False
-        return self.ino_of(st) == ino
+        try:
+            return self.ino_of(os.fstat(fd)) == ino
+        finally:
+            os.close(fd)
 
     # --- attributes --------------------------------------------------------
     def stat(self, ino: int) -> os.stat_result:

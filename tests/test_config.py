@@ -553,3 +553,18 @@ def test_unknown_node_is_a_clear_config_error(lookup):
     assert isinstance(e.value, ConfigError) and e.value.code == X.BAD_CONFIG
     assert str(e.value) == ("/etc/fusemirror/app.toml: node 'gamma' is not in this "
                             "configuration (its nodes are 'alpha' and 'beta')")
+
+
+def test_config_check_command_reports_lines_and_exit_code(tmp_path):
+    """`fusemirror config check -c FILE`: every error on its own line, exit code 9."""
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.toml"
+    bad.write_text('module = "app"\nsecret_file = "relative"\nbogus = 1\n')
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "cli.main", "config", "check", "-c", str(bad)],
+                       cwd=top, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 9, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert any(line.startswith(f"{bad}:2:") for line in lines), lines
+    assert any(line.startswith(f"{bad}:3:") and "bogus" in line for line in lines), lines
