@@ -321,11 +321,13 @@ class MirrorFS(pyfuse3.Operations):
     async def open(self, ino, flags, ctx):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         replicate = await self._may_change() if writable else False
-        path = self.tree.path(ino) if writable else b""     # before O_TRUNC acts here
+        path = self._name_of(ino) if writable else None     # before O_TRUNC acts here
+        if path is None:
+            replicate = False     # read only, or an unlinked file: not part of the tree
         fd = self.tree.open_file(ino, flags)
         fh = self._new_fh()
         try:
-            if writable:
+            if writable and path is not None:
                 st = os.fstat(fd)
                 await self._replicate(replicate, K.OPEN, dict(
                     handle=fh, flags=flags, mtime=st.st_mtime_ns, path=path), path)
