@@ -81,7 +81,6 @@ class _Dir:
 
 
 THREADED_WRITE = 256 * 1024
-INLINE_FSYNC_MAX = 0.001
 
 
 class _LocalWrite:
@@ -146,7 +145,6 @@ class MirrorFS(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
-        self._fsync_avg = 0.0
 
     # --- role ----------------------------------------------------------------
     def set_role(self, role: str, mirror: Mirror | None) -> None:
@@ -438,16 +436,10 @@ class MirrorFS(pyfuse3.Operations):
             await self._finish(p)
 
     async def _flush_to_disk(self, fd: int, datasync: bool) -> None:
-        """fsync here. While the disk answers fast (a running average under
-        INLINE_FSYNC_MAX) it is called inline, which saves a thread hop per fsync; a
-        slow disk sends it to a worker thread so other requests are not held up."""
-        sync = os.fdatasync if datasync else os.fsync
-        start = time.monotonic()
-        if self._fsync_avg < INLINE_FSYNC_MAX:
-            sync(fd)
-        else:
-            await trio.to_thread.run_sync(sync, fd)
-        self._fsync_avg = 0.8 * self._fsync_avg + 0.2 * (time.monotonic() - start)
+        """fsync here, in a worker thread: a large flush must not hold up the requests
+        of other processes (measured: inline would save about 10% on 4 KiB fsync'd
+        writes, and stall every reader during a big flush)."""
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_answer
     async def fsyncdir(self, fh, datasync):
