@@ -17,11 +17,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
 
-from conftest import as_user
+from conftest import abort_fuse, as_user
 
 USER, GROUP = 1000, 1000           # an ordinary user (no supplementary groups in as_user)
 OTHER_GROUP = 4242                 # a group USER is not in
@@ -118,6 +119,32 @@ def children(*fns) -> list[int]:
                 os._exit(code)
         pids.append(pid)
     return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+def in_child(node, fn, timeout: float = 10.0) -> int:
+    """fn() in a forked child: its errno (0: returned). A child still blocked in the
+    mount after timeout means the agent is stuck: the FUSE connection is aborted (the
+    only way to free a process waiting on a request the agent has read) and the test
+    fails."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except OSError as e:
+            code = e.errno or 255
+        except BaseException:
+            code = 255
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    abort_fuse(node.dir)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the {node.name} agent hung for {timeout:g}s; its FUSE connection was aborted")
 
 
 @pytest.fixture
@@ -359,6 +386,69 @@ def test_concurrent_writers_disjoint_regions_and_own_files(pair):
             off = (c * writers + i) * chunk
             assert data[off:off + chunk] == bytes([65 + i]) * (chunk - 8) + b"%08d" % c
     fresh(pair, "shared", *(f"own{i}" for i in range(writers)))
+    pair.assert_identical()
+
+
+def test_copy_file_range_sendfile_fallocate_and_tmpfile(pair):
+    """Other ways in for data. What FUSE (or pyfuse3) does not offer must be a clean
+    EOPNOTSUPP, never a change on one copy only."""
+    p = pair.primary
+    src = os.urandom(300_000)
+    put(p.path("src"), src)
+    a = os.open(p.path("src"), os.O_RDONLY)
+    b = os.open(p.path("copy"), os.O_WRONLY | os.O_CREAT, 0o644)
+    c = os.open(p.path("sent"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        done = 0
+        while done < len(src):
+            done += os.copy_file_range(a, b, len(src) - done)
+        done = 0
+        while done < len(src):
+            done += os.sendfile(c, a, done, len(src) - done)
+    finally:
+        for fd in (a, b, c):
+            os.close(fd)
+    assert get(pair.replica.path("copy")) == src == get(pair.replica.path("sent"))
+    fd = os.open(p.path("pre"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 100_000)          # glibc writes zeros if FUSE cannot
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        if _libc.fallocate(fd, 0, 0, 200_000) != 0:
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+        os.pwrite(fd, b"end", 99_997)
+    finally:
+        os.close(fd)
+    assert get(pair.replica.path("pre"))[-3:] == b"end"
+    try:
+        fd = os.open(p.dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError as e:
+        assert e.errno == errno.EOPNOTSUPP, e
+    else:
+        try:
+            os.write(fd, b"anonymous until linked")
+            os.link(f"/proc/self/fd/{fd}", p.path("tmpfile"), follow_symlinks=True)
+        finally:
+            os.close(fd)
+        assert get(pair.replica.path("tmpfile")) == b"anonymous until linked"
+    fresh(pair, "src", "copy", "sent", "pre", "")
+    pair.assert_identical()
+
+
+def test_writes_by_a_user_clear_setuid_on_both(pair):
+    p = pair.primary
+    os.mkdir(p.path("pub"))
+    os.chmod(p.path("pub"), 0o777)
+    for name in ("w", "t"):
+        put(p.path("pub", name), b"x")
+        os.chown(p.path("pub", name), USER, GROUP)
+        os.chmod(p.path("pub", name), 0o6755)
+    assert as_user(USER, GROUP, put, p.path("pub/w"), b"y", os.O_WRONLY | os.O_APPEND) == 0
+    assert as_user(USER, GROUP, os.truncate, p.path("pub/t"), 0) == 0
+    for node in (pair.primary, pair.replica):
+        for name in ("w", "t"):
+            assert stat.S_IMODE(os.stat(backing(node, "pub/" + name)).st_mode) == 0o755, \
+                (node.name, name)
+    fresh(pair, "pub/w", "pub/t")
     pair.assert_identical()
 
 
@@ -882,6 +972,43 @@ def test_directory_named_like_a_deleted_one(pair):
     put(p.path("a (deleted)", "x"), b"where does it go?")
     os.chmod(p.path("a (deleted)"), 0o700)
     assert os.listdir(pair.replica.path("a")) == []
+    pair.assert_identical()
+
+
+@pytest.mark.parametrize("via", ["unlinked-open-file", "other-hard-link"])
+def test_stale_path_across_an_absolute_symlink_does_not_hang(pair, via):
+    """The agent must resolve paths in its backing tree without following symlinks.
+    Here the agent knows an inode by the name 'd/g', which is gone, and 'd' is now a
+    symlink to the mount itself; the inode is then changed through an open descriptor
+    or through its other hard link."""
+    p = pair.primary
+    os.mkdir(p.path("d"))
+    fd = os.open(p.path("d/g"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"data")
+        if via == "other-hard-link":
+            os.link(p.path("d/g"), p.path("h"))
+            os.close(fd)
+            fd = None
+        os.unlink(p.path("d/g"))
+        os.rmdir(p.path("d"))
+        os.symlink(p.dir, p.path("d"))                 # absolute: back into the mount
+        if fd is None:
+            assert in_child(p, lambda: os.chmod(p.path("h"), 0o600)) == 0
+            assert in_child(p, lambda: os.setxattr(p.path("h"), "user.a", b"1")) == 0
+        else:
+            assert in_child(p, lambda: os.setxattr(fd, "user.a", b"1")) == 0
+            assert in_child(p, lambda: os.close(os.open(f"/proc/self/fd/{fd}",
+                                                        os.O_WRONLY))) == 0
+            os.write(fd, b" more")
+    finally:
+        try:
+            if fd is not None:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:        # the connection was aborted
+                raise
+    assert os.readlink(pair.replica.path("d")) == p.dir
     pair.assert_identical()
 
 

@@ -24,11 +24,14 @@ import signal
 import stat
 import time
 
+from conftest import abort_fuse
+
 WORKERS = 3
 SECONDS = float(os.environ.get("FUSEMIRROR_RANDOM_SECONDS", "14"))
 MAX_OPS = 8000                           # per worker
 MAX_OPEN = 4                             # descriptors a worker keeps open across operations
 MAX_OFFSET = 1 << 20
+HANG_GRACE = 20                          # seconds past the end before workers count as hung
 
 # What POSIX answers when the tree is not what the process expected (another process
 # got there first, or a random choice made no sense). Anything else (EIO, ESTALE,
@@ -181,10 +184,12 @@ class Worker:
         os.rmdir(self._need(self.existing("dir")))
 
     def op_symlink(self):
-        # never a target outside the mount: creates and chmods follow symlinks
+        # creates and chmods follow symlinks: no target may reach outside the mount. An
+        # absolute one back into it is the interesting case (the agent must never follow
+        # a symlink in its backing tree: that once made it wait on its own mount).
         target = self.rng.choice(("f0", "../f1", "d2/f3", "nowhere", "..", "s1",
-                                  os.path.join(self.areas[1], "f2"),
-                                  os.path.basename(self.new_path())))
+                                  os.path.join(self.areas[1], "f2"), self.areas[0],
+                                  "/nonexistent/abs", os.path.basename(self.new_path())))
         os.symlink(target, self.new_path())
 
     def op_chmod(self):
@@ -253,12 +258,16 @@ class Worker:
                 "unexpected": self.unexpected}
 
 
-def run_workers(seed: int, root: str) -> list[dict]:
-    """Fork one process per worker; each reports its counts as JSON on a pipe."""
+def run_workers(seed: int, node) -> tuple[list[dict], bool]:
+    """Fork one process per worker in node's mount; each reports its counts as JSON on
+    a pipe. Returns the reports and whether the workers hung: a process waiting on a
+    FUSE request the agent has read cannot even be killed, so after a grace period the
+    FUSE connection is aborted to free them."""
+    root = node.dir
     shared = os.path.join(root, "shared")
     os.mkdir(shared)
     deadline = time.monotonic() + SECONDS
-    procs = []
+    procs = {}
     for i in range(WORKERS):
         own = os.path.join(root, f"w{i}")
         os.mkdir(own)
@@ -274,25 +283,34 @@ def run_workers(seed: int, root: str) -> list[dict]:
             os.write(wfd, json.dumps(result).encode())
             os._exit(0)
         os.close(wfd)
-        procs.append((pid, rfd))
-    results = []
-    for pid, rfd in procs:
-        data = b""
-        while True:                            # a hung mount must not hang the test run
-            left = deadline + 60 - time.monotonic()
-            if left <= 0:
-                os.kill(pid, signal.SIGKILL)
-                break
-            if select.select([rfd], [], [], left)[0]:
-                chunk = os.read(rfd, 1 << 16)
-                if not chunk:
-                    break
-                data += chunk
+        procs[rfd] = (i, pid, [])
+    hung = False
+    open_fds = set(procs)
+    while open_fds:
+        left = deadline + HANG_GRACE - time.monotonic()
+        if left <= 0:
+            hung = True
+            abort_fuse(root)
+            left = 30
+        ready = select.select(list(open_fds), [], [], left)[0]
+        for rfd in ready:
+            chunk = os.read(rfd, 1 << 16)
+            if chunk:
+                procs[rfd][2].append(chunk)
+            else:
+                open_fds.discard(rfd)
+        if hung and not ready:
+            break
+    results = [None] * WORKERS
+    for rfd, (i, pid, chunks) in procs.items():
         os.close(rfd)
+        if hung:
+            os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        results.append(json.loads(data) if data else
-                       {"ops": 0, "done": {}, "unexpected": ["no report (killed?)"]})
-    return results
+        data = b"".join(chunks)
+        results[i] = json.loads(data) if data else {
+            "ops": 0, "done": {}, "unexpected": ["no report: hung in the mount"]}
+    return results, hung
 
 
 def mount_view(top: str) -> dict:
@@ -317,9 +335,10 @@ def test_random_operations_from_three_processes(pair):
     seed = seed_from_env()
     print(f"FUSEMIRROR_SEED={seed}")
     started = time.monotonic()
-    results = run_workers(seed, pair.primary.dir)
+    results, hung = run_workers(seed, pair.primary)
     took = time.monotonic() - started
     where = f"(seed {seed}; rerun with FUSEMIRROR_SEED={seed})"
+    assert not hung, f"the workers hung in the mount {where}: {results}"
     for i, r in enumerate(results):
         print(f"worker {i}: {r['ops']} operations in {took:.1f}s, done {r['done']}, "
               f"{r.get('expected_errors', 0)} expected errors")
