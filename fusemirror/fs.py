@@ -116,14 +116,6 @@ def _masked(dfd: int, mode: int, ctx) -> int:
     return mode & ~ctx.umask
 
 
-class _Lazy(dict):
-    """Fields of an undo operation; callables are evaluated when it is sent."""
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        return value() if callable(value) else value
-
-
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs in the backing
@@ -158,6 +150,18 @@ class MirrorFS(pyfuse3.Operations):
     def resume(self) -> None:
         self._gate.set()
 
+    async def _through_gate(self) -> None:
+        if not self._gate.is_set():
+            await self._gate.wait()
+
+    async def _sync_on_peer(self, kind: K, fields: dict):
+        """The peer's half of an fsync: sent only by a primary with a good link, after
+        any role switch in progress (an fsync is no change: it is never refused)."""
+        await self._through_gate()
+        if self.role == PRIMARY and await self.mirror.ready():
+            return await self.mirror.begin(kind, fields)
+        return None
+
     def writable_files(self):
         return [(fh, f) for fh, f in self._files.items() if f.writable]
 
@@ -176,8 +180,7 @@ class MirrorFS(pyfuse3.Operations):
 
     async def _may_change(self) -> bool:
         """Before a change: True to replicate it, False to apply it alone (journaled)."""
-        if not self._gate.is_set():
-            await self._gate.wait()
+        await self._through_gate()
         if self.role == REPLICA:
             raise ReadOnly()
         if self.role == ALONE or self.mirror is None:
@@ -202,26 +205,32 @@ class MirrorFS(pyfuse3.Operations):
             if p is not None:
                 await p.done.wait()
                 if not p.lost and not p.errno:
-                    await self._undo(undo, f"{kind.name} failed here ({e.strerror}) but not "
-                                           f"on the peer")
+                    await self._undo(p.mirror, undo, f"{kind.name} failed here ({e.strerror}) "
+                                                     f"but not on the peer")
             raise
         if not await self._finish(p):
             self._alone_change(kind.name, touched)
         return result
 
-    async def _undo(self, undo, reason: str) -> None:
+    async def _undo(self, mirror: Mirror, undo, reason: str) -> None:
         try:
             if not undo:
                 raise PeerError("no way to undo it")
             for kind, fields in undo:
-                await self.mirror.call(kind, fields)
+                await mirror.call(kind, fields)
         except PeerError:
-            await self.mirror.diverged(reason)
+            await mirror.diverged(reason)
 
-    def _alone_change(self, what: str, path: bytes) -> None:
-        """A change the peer does not get: its copy is out of date from now on."""
+    def _alone_change(self, what: str, path) -> None:
+        """A change the peer does not get: its copy is out of date from now on. path is
+        bytes or a callable giving them."""
         if not self.state.get("peer_outdated"):
             self.state.mark_peer_outdated(f"changed while {self.role} without the peer")
+        if callable(path):
+            try:
+                path = path()
+            except (OSError, NoSuchInode):
+                path = b""
         self.state.record_change(what, path)
 
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -234,6 +243,15 @@ class MirrorFS(pyfuse3.Operations):
         a.st_size, a.st_blksize, a.st_blocks = st.st_size, st.st_blksize, st.st_blocks
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         return a
+
+    def _at(self, ino: int):
+        """The path of ino, computed when the operation is sequenced (see Mirror.begin).
+        Callers also compute it once before changing anything here, so that a path that
+        cannot be named (beyond PATH_MAX) fails the operation on both copies alike."""
+        return lambda: self.tree.path(ino)
+
+    def _under(self, parent: int, name: bytes):
+        return lambda: self._child(parent, name)
 
     def _child(self, parent: int, name: bytes) -> bytes:
         base = self.tree.path(parent)
@@ -328,7 +346,7 @@ class MirrorFS(pyfuse3.Operations):
             if writable and path is not None:
                 st = os.fstat(fd)
                 await self._replicate(replicate, K.OPEN, dict(
-                    handle=fh, flags=flags, mtime=st.st_mtime_ns, path=path), path)
+                    handle=fh, flags=flags, mtime=st.st_mtime_ns, path=self._at(ino)), path)
         except BaseException:
             os.close(fd)
             raise
@@ -342,7 +360,7 @@ class MirrorFS(pyfuse3.Operations):
     async def create(self, parent, name, mode, flags, ctx):
         replicate = await self._may_change()
         dfd = self.tree.fd(parent)
-        parent_path = self.tree.path(parent)
+        self.tree.path(parent)                                   # nameable, or fail now
         uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, _masked(dfd, mode, ctx))
         fh, now = self._new_fh(), time.time_ns()
 
@@ -353,8 +371,8 @@ class MirrorFS(pyfuse3.Operations):
             return fd
         fd = await self._both(replicate, K.CREATE, dict(
             handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
-            parent=parent_path, name=name), self._child(parent, name), local,
-            undo=self._undo_new(K.UNLINK, dfd, parent_path, name, fh))
+            parent=self._at(parent), name=name), self._under(parent, name), local,
+            undo=self._undo_new(K.UNLINK, dfd, parent, name, fh))
         try:
             st = os.fstat(fd)
             ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
@@ -364,11 +382,11 @@ class MirrorFS(pyfuse3.Operations):
         self._files[fh] = _File(fd, ino, True, replicate and self._linked())
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
 
-    def _undo_new(self, kind: K, dfd: int, parent_path: bytes, name: bytes, fh: int = 0):
+    def _undo_new(self, kind: K, dfd: int, parent: int, name: bytes, fh: int = 0):
         """Operations that remove from the peer a node we failed to create here."""
         def pmtime():
             return os.fstat(dfd).st_mtime_ns
-        ops = [(kind, _Lazy(pmtime=pmtime, parent=parent_path, name=name))]
+        ops = [(kind, dict(pmtime=pmtime, parent=self._at(parent), name=name))]
         if fh:
             ops.append((K.RELEASE, dict(handle=fh)))
         return ops
@@ -404,7 +422,7 @@ class MirrorFS(pyfuse3.Operations):
 
     async def _finish(self, p) -> bool:
         """Wait for the peer's outcome; True if it applied the change."""
-        return p is not None and await self.mirror.finish(p)
+        return p is not None and await p.mirror.finish(p)
 
     async def _repair(self, f: _File, fh: int, off: int, length: int) -> None:
         """A write failed (or was short) here but may have succeeded on the peer: send
@@ -428,8 +446,8 @@ class MirrorFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         f = self._files[fh]
         p = None
-        if f.replicated and self.role == PRIMARY and await self.mirror.ready():
-            p = await self.mirror.begin(K.FSYNC, dict(handle=fh, datasync=int(bool(datasync))))
+        if f.replicated:
+            p = await self._sync_on_peer(K.FSYNC, dict(handle=fh, datasync=int(bool(datasync))))
         try:
             await self._flush_to_disk(f.fd, datasync)
         finally:
@@ -444,10 +462,9 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def fsyncdir(self, fh, datasync):
         d = self._dirs[fh]
-        path = self.tree.path(d.ino)
-        p = None
-        if self.role == PRIMARY and await self.mirror.ready():
-            p = await self.mirror.begin(K.FSYNCDIR, dict(datasync=int(bool(datasync)), path=path))
+        self.tree.path(d.ino)                                    # nameable, or fail now
+        p = await self._sync_on_peer(K.FSYNCDIR, dict(datasync=int(bool(datasync)),
+                                                      path=self._at(d.ino)))
         fd = os.open(sysops.proc_path(self.tree.fd(d.ino)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             await self._flush_to_disk(fd, bool(datasync))
@@ -500,7 +517,8 @@ class MirrorFS(pyfuse3.Operations):
                       is_symlink=stat.S_ISLNK(st.st_mode), **values)
         if handle or path is not None:
             await self._replicate(replicate, K.SETATTR, dict(
-                handle=handle, mask=mask, path=path or b"", **values), path or b"")
+                handle=handle, mask=mask, path=b"" if handle else self._at(ino), **values),
+                path or b"")
         return self._attr(ino, os.fstat(fd))
 
     def _handle_of(self, ino: int) -> int:
@@ -523,8 +541,8 @@ class MirrorFS(pyfuse3.Operations):
         path = self._name_of(ino)
         os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
         if path is not None:
-            await self._replicate(replicate, K.SETXATTR, dict(path=path, name=name, value=value),
-                                  path)
+            await self._replicate(replicate, K.SETXATTR, dict(
+                path=self._at(ino), name=name, value=value), path)
 
     @_answer
     async def removexattr(self, ino, name, ctx):
@@ -532,18 +550,19 @@ class MirrorFS(pyfuse3.Operations):
         path = self._name_of(ino)
         os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
         if path is not None:
-            await self._replicate(replicate, K.REMOVEXATTR, dict(path=path, name=name), path)
+            await self._replicate(replicate, K.REMOVEXATTR, dict(path=self._at(ino), name=name),
+                                  path)
 
     # --- changing the namespace ----------------------------------------------
     async def _new_node(self, parent, name, kind, ctx, *, mode=0, rdev=0, target=b""):
         replicate = await self._may_change()
         dfd = self.tree.fd(parent)
-        parent_path = self.tree.path(parent)
+        self.tree.path(parent)                                   # nameable, or fail now
         if kind != "symlink":
             mode = _masked(dfd, mode, ctx)
         uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
         now = time.time_ns()
-        common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=parent_path, name=name)
+        common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=self._at(parent), name=name)
         if kind == "dir":
             op, fields, undo = K.MKDIR, dict(mode=mode, **common), K.RMDIR
         elif kind == "node":
@@ -555,8 +574,8 @@ class MirrorFS(pyfuse3.Operations):
             make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
             sysops.set_times(dfd, None, now, name)
             sysops.set_times(dfd, None, now)
-        await self._both(replicate, op, fields, self._child(parent, name), local,
-                         undo=self._undo_new(undo, dfd, parent_path, name))
+        await self._both(replicate, op, fields, self._under(parent, name), local,
+                         undo=self._undo_new(undo, dfd, parent, name))
         ino, st = self.tree.lookup(parent, name)
         return self._attr(ino, st)
 
@@ -576,8 +595,7 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def link(self, ino, new_parent, new_name, ctx):
         replicate = await self._may_change()
-        source = self.tree.path(ino)
-        parent_path = self.tree.path(new_parent)
+        self.tree.path(ino), self.tree.path(new_parent)          # nameable, or fail now
         dfd, src = self.tree.fd(new_parent), self.tree.fd(ino)
         now = time.time_ns()
 
@@ -585,24 +603,24 @@ class MirrorFS(pyfuse3.Operations):
             os.link(sysops.proc_path(src), new_name, dst_dir_fd=dfd, follow_symlinks=True)
             sysops.set_times(dfd, None, now)
         await self._both(replicate, K.LINK, dict(
-            pmtime=now, source=source, parent=parent_path, name=new_name),
-            self._child(new_parent, new_name), local,
-            undo=self._undo_new(K.UNLINK, dfd, parent_path, new_name))
+            pmtime=now, source=self._at(ino), parent=self._at(new_parent), name=new_name),
+            self._under(new_parent, new_name), local,
+            undo=self._undo_new(K.UNLINK, dfd, new_parent, new_name))
         ino, st = self.tree.lookup(new_parent, new_name)
         return self._attr(ino, st)
 
     async def _remove(self, parent, name, kind: K):
         replicate = await self._may_change()
         dfd = self.tree.fd(parent)
-        parent_path = self.tree.path(parent)
+        self.tree.path(parent)                                   # nameable, or fail now
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         now = time.time_ns()
 
         def local():
             (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
             sysops.set_times(dfd, None, now)
-        await self._both(replicate, kind, dict(pmtime=now, parent=parent_path, name=name),
-                         self._child(parent, name), local)
+        await self._both(replicate, kind, dict(pmtime=now, parent=self._at(parent), name=name),
+                         self._under(parent, name), local)
         self.tree.moved(self.tree.ino_of(st), (parent, name), None)
 
     @_answer
@@ -617,7 +635,7 @@ class MirrorFS(pyfuse3.Operations):
     async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
         replicate = await self._may_change()
         src, dst = self.tree.fd(parent_old), self.tree.fd(parent_new)
-        path_old, path_new = self.tree.path(parent_old), self.tree.path(parent_new)
+        self.tree.path(parent_old), self.tree.path(parent_new)    # nameable, or fail now
         moved = self.tree.ino_of(os.stat(name_old, dir_fd=src, follow_symlinks=False))
         other = None
         if flags & sysops.RENAME_EXCHANGE:
@@ -629,8 +647,9 @@ class MirrorFS(pyfuse3.Operations):
             sysops.set_times(src, None, now)
             sysops.set_times(dst, None, now)
         await self._both(replicate, K.RENAME, dict(
-            flags=flags, pmtime_old=now, pmtime_new=now, parent_old=path_old, name_old=name_old,
-            parent_new=path_new, name_new=name_new), self._child(parent_new, name_new), local)
+            flags=flags, pmtime_old=now, pmtime_new=now, parent_old=self._at(parent_old),
+            name_old=name_old, parent_new=self._at(parent_new), name_new=name_new),
+            self._under(parent_new, name_new), local)
         self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
         if other is not None:
             self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))

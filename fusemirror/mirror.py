@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256                 # operations sent and not yet acknowledged
 MAX_IN_FLIGHT_BYTES = 64 << 20      # and their frames' bytes, kept for a resend
+_SMALL_FRAME = 4096                 # window share of a frame encoded at sequencing time
 PING_INTERVAL = 1.0
 RECONNECT_INTERVAL = 0.2
 
@@ -56,18 +57,20 @@ class Link(str, enum.Enum):
 
 
 class Pending:
-    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size")
+    __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
+                 "mirror")
 
-    def __init__(self, seq: int, parts: list):
+    def __init__(self, seq: int, parts: list, size: int, mirror=None):
+        self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
         self.seq = seq
         self.parts = parts
+        self.size = size         # what it holds of the in-flight window
         self.done = trio.Event()
         self.errno = 0
         self.lost = False
         self.chunks: list[bytes] | None = None
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
-        self.size = sum(len(x) for x in parts)
 
 
 class Mirror:
@@ -301,26 +304,41 @@ class Mirror:
             raise PeerError("peer out of date")
 
     async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> Pending | None:
-        """Send one operation; None when the peer is not being replicated to."""
+        """Send one operation; None when the peer is not being replicated to.
+
+        Fields may be callables (paths, mostly): they are evaluated when the operation
+        gets its sequence number, with no scheduler pass in between, so a path is the
+        one the replica will see at that point of the stream even if a concurrent
+        rename of a parent directory was sequenced while this operation waited."""
         if self.link not in (Link.CONNECTED, Link.RECONNECTING):
             return None
-        prepared = P.Prepared(kind, fields, compress)
-        await self._window.acquire(prepared.length + P.HEADER_SIZE)
+        lazy = any(callable(v) for v in fields.values())
+        prepared = None if lazy else P.Prepared(kind, fields, compress)
+        size = prepared.length + P.HEADER_SIZE if prepared else _SMALL_FRAME
+        await self._window.acquire(size)
         try:
             self._send_lock.acquire_nowait()     # the usual case: no scheduler pass
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
+            if prepared is None:
+                try:
+                    prepared = P.Prepared(kind, {k: v() if callable(v) else v
+                                                 for k, v in fields.items()}, compress)
+                except OSError as e:
+                    self._window.release(size)
+                    self._nursery.start_soon(self.diverged, f"cannot name a changed node "
+                                                            f"for the peer: {e}")
+                    return None
             self._seq += 1
             seq = self._seq
-            parts = prepared.stamp(seq)
-            p = Pending(seq, parts)
+            p = Pending(seq, prepared.stamp(seq), size, self)
             self._pending[seq] = p
             self.stats["ops"] += 1
-            self.stats["bytes"] += p.size
+            self.stats["bytes"] += prepared.length + P.HEADER_SIZE
             if self.link == Link.CONNECTED and self._fs is not None:
                 try:
-                    await self._fs.send_parts(parts)
+                    await self._fs.send_parts(p.parts)
                 except LinkClosed as e:
                     self._nursery.start_soon(self._lost_later, self._fs, str(e))
         finally:
@@ -364,7 +382,7 @@ class Mirror:
         await self._window.acquire(P.HEADER_SIZE)
         async with self._send_lock:
             self._seq += 1
-            p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}))
+            p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}), P.HEADER_SIZE)
             p.patient = True  # hashing a big tree may take longer than the timeout
             self._pending[p.seq] = p
             try:

@@ -251,11 +251,21 @@ class Pair:
 
 
 @pytest.fixture
-def scratch():
+def scratch(request):
     base = tempfile.mkdtemp(prefix="fusemirror-test.", dir=SCRATCH_ROOT)
     os.chmod(base, 0o755)
     yield base
+    if os.environ.get("FUSEMIRROR_KEEP_LOGS"):
+        _print_logs(base)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _print_logs(base: str) -> None:
+    for dirpath, _, files in os.walk(base):
+        for name in files:
+            if name.endswith(".log"):
+                with open(os.path.join(dirpath, name)) as f:
+                    print(f"--- {os.path.join(dirpath, name)}\n{f.read()}")
 
 
 @pytest.fixture
