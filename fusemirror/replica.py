@@ -200,8 +200,8 @@ class ReplicaServer:
             # Reported to the primary, which decides: the same change may have failed
             # the same way there (rmdir of a non-empty directory), or not (disk full).
             err = e.errno or E.EIO
-            log.warning("could not apply %s (seq %d): %s", msg.kind.name, msg.seq,
-                        os.strerror(err))
+            log.info("could not apply %s (seq %d): %s", msg.kind.name, msg.seq,
+                     os.strerror(err))
             return err
         self.stats["ops"] += 1
         if msg.kind == P.Kind.WRITE:

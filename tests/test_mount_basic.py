@@ -131,3 +131,29 @@ def test_dead_mount_after_kill_is_reported_as_mounted(scratch):
     finally:
         node.close()                       # fusermount3 -u -z, by the fixture's rules
     assert not is_mounted(node.dir)
+
+
+def test_foreground_agent_unmounts_on_sigterm(scratch):
+    """-f stays in the foreground; SIGTERM finishes replication and unmounts."""
+    import signal
+    import sys
+    from conftest import TOP, Node, wait_for
+    node = Node(scratch, "fg")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "mount", node.dir, "--role",
+                             "alone", "-f", "--state-dir", node.state_dir, "--log-file",
+                             node.log_file], cwd=TOP, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: is_mounted(node.dir), what="the foreground mount")
+        with open(node.path("f"), "w") as f:
+            f.write("kept")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not is_mounted(node.dir)
+        with open(node.path("f")) as f:
+            assert f.read() == "kept"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        node.close()
