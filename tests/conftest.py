@@ -270,12 +270,18 @@ def _print_logs(base: str) -> None:
 
 @pytest.fixture
 def pair(scratch):
+    """A started pair for tests where nothing should go wrong: any ERROR or traceback in
+    either agent's log fails the test (fault tests use make_pair and assert their own)."""
     p = Pair(scratch)
     try:
         p.start()
         yield p
     finally:
         p.close()
+    for node in (p.primary, p.replica):
+        bad = [line for line in node.log().splitlines()
+               if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+        assert not bad, f"unexpected errors in the {node.name} agent's log:\n" + "\n".join(bad)
 
 
 @pytest.fixture
