@@ -325,7 +325,7 @@ class Mirror:
                 try:
                     prepared = P.Prepared(kind, {k: v() if callable(v) else v
                                                  for k, v in fields.items()}, compress)
-                except OSError as e:
+                except Exception as e:       # a node that can no longer be named
                     self._window.release(size)
                     self._nursery.start_soon(self.diverged, f"cannot name a changed node "
                                                             f"for the peer: {e}")
