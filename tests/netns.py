@@ -262,6 +262,15 @@ class Lab:
 
 
 def _stop(p: subprocess.Popen, grace: float = 3.0) -> None:
+    try:
+        _end(p, grace)
+    finally:
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
+def _end(p: subprocess.Popen, grace: float) -> None:
     if p.poll() is not None:
         return
     try:
