@@ -24,8 +24,8 @@ Process hygiene, the same for everything run here:
   A process that started its own session (a daemon) is not in the group.
 - "Gone" means no member of the group is alive: members are found in /proc by
   their process group, and a zombie counts as gone. An orphan is re-parented to
-  the nearest subreaper, else to PID 1, which on some machines never reaps it
-  (see /work/shared/NOTES.md). The controller should call `set_subreaper()` once at
+  the nearest subreaper, else to PID 1, which on some machines (containers, some
+  micro-VMs) never reaps it. The controller should call `set_subreaper()` once at
   start: orphans of its scripts then become its children, and this module reaps
   those of its groups (`reap_group`), so no zombie stays behind either.
 """
@@ -155,9 +155,9 @@ async def run_command(argv: Sequence[str], *, timeout: float,
             proc = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=out.fileno(), stderr=out.fileno(),
                 env=full_env, cwd="/", start_new_session=True)
-        except OSError as e:
-            problem = f"cannot execute {argv[0]}: {e.strerror or e}"
-            if e.errno == errno.ENOEXEC:
+        except (OSError, ValueError) as e:
+            problem = f"cannot execute {argv[0]}: {getattr(e, 'strerror', None) or e}"
+            if getattr(e, "errno", None) == errno.ENOEXEC:
                 problem += " (does it start with a #! line?)"
             log.warning("%s cannot run: %s", name, problem)
             await trio.to_thread.run_sync(_write_marker, out, f"{name}: {problem}")
@@ -174,9 +174,11 @@ async def run_command(argv: Sequence[str], *, timeout: float,
                             name, timeout, pgid)
                 await stop_group(proc, pgid, grace)
         except BaseException:
-            # cancelled (the controller is stopping): nothing may outlive us
-            with trio.CancelScope(shield=True):
-                await stop_group(proc, pgid, grace)
+            # cancelled (the controller is stopping): nothing may outlive a script that
+            # is still running; one that has ended is done, as below
+            if proc.returncode is None:
+                with trio.CancelScope(shield=True):
+                    await stop_group(proc, pgid, grace)
             raise
         await trio.to_thread.run_sync(reap_group, pgid)
         duration = trio.current_time() - started
@@ -215,6 +217,8 @@ def spawn_notification(nursery: trio.Nursery, script: Script | str, *,
     is dropped (logged) and None is returned, so a flood of state changes cannot
     pile up processes."""
     path = script.path if isinstance(script, Script) else script
+    if timeout is None and not isinstance(script, Script):
+        raise ValueError("spawn_notification needs a timeout when given a path")
     n = Notification(name or os.path.basename(path))
     token = object()
     if limiter is not None:
@@ -236,7 +240,12 @@ def spawn_notification(nursery: trio.Nursery, script: Script | str, *,
                 limiter.release_on_behalf_of(token)
             n.done.set()
 
-    nursery.start_soon(notify, name=f"notification {n.name}")
+    try:
+        nursery.start_soon(notify, name=f"notification {n.name}")
+    except BaseException:
+        if limiter is not None:
+            limiter.release_on_behalf_of(token)
+        raise
     return n
 
 
@@ -323,6 +332,7 @@ async def _wait_gone(proc: trio.Process, pgid: int, seconds: float) -> bool:
         reap_group(pgid)
         if proc.returncode is not None and not await trio.to_thread.run_sync(group_alive,
                                                                              pgid):
+            reap_group(pgid)     # members that turned zombie since the last look
             return True
         if trio.current_time() >= deadline:
             return False
@@ -345,7 +355,7 @@ def _open_output(log_path: str | None, name: str, argv: list[str]):
     """(file the run writes to, offset where its output starts)."""
     if log_path is not None:
         try:
-            f = open(log_path, "ab")
+            f = open(log_path, "a+b")
         except OSError as e:
             log.warning("cannot append to %s (%s): the output of %s is not kept",
                         log_path, e.strerror, name)
