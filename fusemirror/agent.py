@@ -179,9 +179,9 @@ class Agent:
         old, self.mirror = self.mirror, mirror
         if old is not None:
             await old.close()
+        await self._nursery.start(mirror.run)      # its reader must run before any wait
         await self._reopen_files(mirror)
         self.fs.set_role(PRIMARY, mirror)
-        await self._nursery.start(mirror.run)
 
     async def _reopen_files(self, mirror: Mirror) -> None:
         """Files already open for writing (in another role) get their handle on the peer."""

@@ -177,6 +177,10 @@ class Mirror:
         except (LinkClosed, P.ProtocolError) as e:
             if fs is self._fs and self.link != Link.CLOSED:
                 await self._lost(str(e))
+            if self._retiring and fs is self._fs:
+                # Dropped by the peer for our successor: nothing to read until this
+                # link is closed (or, if the successor failed, the watchdog decides).
+                await self._changed.wait()
 
     def _acked(self, seq: int, errno: int) -> None:
         p = self._pending.pop(seq, None)
@@ -265,17 +269,26 @@ class Mirror:
                 log.debug("reconnect failed: %s", e)
                 await trio.sleep(RECONNECT_INTERVAL)
                 continue
+            if self.link != Link.RECONNECTING:      # closed (a role switch) meanwhile
+                await fs.aclose()
+                return
             if not welcome.resumed or not welcome.uptodate:
                 await fs.aclose()
                 await self._outdate("the peer came back without our session")
                 return
             async with self._send_lock:
                 try:
-                    for seq in sorted(self._pending):
-                        await fs.send_parts(self._pending[seq].parts)
+                    resend = [self._pending[seq] for seq in sorted(self._pending)]
+                    now = time.monotonic()
+                    for p in resend:
+                        p.sent = now             # the acknowledgement timeout starts anew
+                        await fs.send_parts(p.parts)
                 except LinkClosed:
                     await fs.aclose()
                     continue
+                if self.link != Link.RECONNECTING:
+                    await fs.aclose()
+                    return
                 self._fs = fs
             self.stats["reconnects"] += 1
             log.warning("peer %s:%s is back; %d operations resent", *self.peer,
@@ -321,6 +334,10 @@ class Mirror:
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
+            if self.link not in (Link.CONNECTED, Link.RECONNECTING):
+                # The peer was given up while this waited: nobody would answer it.
+                self._window.release(size)
+                return None
             if prepared is None:
                 try:
                     prepared = P.Prepared(kind, {k: v() if callable(v) else v

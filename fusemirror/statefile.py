@@ -55,13 +55,15 @@ class StateFile:
         return self.data.get(key, default)
 
     def update(self, **values) -> None:
-        self.data.update(values)
+        """Durably merge values into the state; memory changes only once the disk has."""
+        data = {**self.data, **values}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
+            json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        self.data = data
         dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
