@@ -33,6 +33,7 @@ MAX_IN_FLIGHT = 256                 # operations sent and not yet acknowledged
 MAX_IN_FLIGHT_BYTES = 64 << 20      # and their frames' bytes, kept for a resend
 _SMALL_FRAME = 4096                 # window share of a frame encoded at sequencing time
 PING_INTERVAL = 1.0
+MANIFEST_TIMEOUT = 600.0            # building a manifest reads every file of the tree
 RECONNECT_INTERVAL = 0.2
 
 
@@ -58,7 +59,7 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror")
+                 "mirror", "complete")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -69,6 +70,7 @@ class Pending:
         self.errno = 0
         self.lost = False
         self.chunks: list[bytes] | None = None
+        self.complete = False    # every chunk of a manifest arrived
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
 
@@ -169,6 +171,7 @@ class Mirror:
                     if p is not None:
                         p.chunks = (p.chunks or []) + [msg.chunk]
                         if msg.last:
+                            p.complete = True
                             self._acked(msg.seq, 0)
                 elif msg.kind == P.Kind.BYE:
                     raise LinkClosed("peer said goodbye")
@@ -202,8 +205,12 @@ class Mirror:
                 continue
             now = time.monotonic()
             oldest = min((p.sent for p in self._pending.values() if not p.patient), default=None)
-            if oldest is not None and now - oldest > self.timeout:
-                await self._lost(f"no acknowledgement for {self.timeout:g}s")
+            # Operations queued behind a manifest being built wait for it: give them the
+            # manifest's time limit instead of the usual one.
+            behind = any(p.patient for p in self._pending.values())
+            limit = max(self.timeout, MANIFEST_TIMEOUT) if behind else self.timeout
+            if oldest is not None and now - oldest > limit:
+                await self._lost(f"no acknowledgement for {limit:g}s")
             elif not self._pending:
                 p = await self.begin(P.Kind.PING, {})
                 if p is not None:
@@ -407,8 +414,8 @@ class Mirror:
             except LinkClosed as e:
                 self._nursery.start_soon(self._lost_later, self._fs, str(e))
         await p.done.wait()
-        if p.lost or p.chunks is None:
-            raise PeerError("peer lost while building its manifest")
+        if p.lost or not p.complete:
+            raise PeerError("the peer's manifest did not arrive whole (link lost or resumed)")
         return b"".join(p.chunks)
 
     async def drain(self) -> None:
