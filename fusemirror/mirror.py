@@ -323,14 +323,18 @@ class Mirror:
                 return False
             raise PeerError("peer out of date")
 
-    async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> Pending | None:
+    async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False,
+                    patient: bool = False) -> Pending | None:
         """Send one operation; None when the peer is not being replicated to.
 
         Fields may be callables (paths, mostly): they are evaluated when the operation
         gets its sequence number, with no scheduler pass in between, so a path is the
         one the replica will see at that point of the stream even if a concurrent
-        rename of a parent directory was sequenced while this operation waited."""
-        if self.link not in (Link.CONNECTED, Link.RECONNECTING):
+        rename of a parent directory was sequenced while this operation waited.
+
+        patient: a request (a manifest) exempt from the acknowledgement timeout, which
+        may also go to a peer that is out of date."""
+        if not self._accepts(patient):
             return None
         lazy = any(callable(v) for v in fields.values())
         prepared = None if lazy else P.Prepared(kind, fields, compress)
@@ -341,7 +345,7 @@ class Mirror:
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            if self.link not in (Link.CONNECTED, Link.RECONNECTING):
+            if not self._accepts(patient):
                 # The peer was given up while this waited: nobody would answer it.
                 self._window.release(size)
                 return None
@@ -357,10 +361,11 @@ class Mirror:
             self._seq += 1
             seq = self._seq
             p = Pending(seq, prepared.stamp(seq), size, self)
+            p.patient = patient
             self._pending[seq] = p
             self.stats["ops"] += 1
             self.stats["bytes"] += prepared.length + P.HEADER_SIZE
-            if self.link == Link.CONNECTED and self._fs is not None:
+            if self._fs is not None:           # while reconnecting, resent when back
                 try:
                     await self._fs.send_parts(p.parts)
                 except LinkClosed as e:
@@ -368,6 +373,14 @@ class Mirror:
         finally:
             self._send_lock.release()
         return p
+
+    def _accepts(self, patient: bool) -> bool:
+        """Can an operation be sequenced now and be answered? Changes go to a live or
+        reconnecting link (resent once back); a patient request also to a connected
+        peer that is out of date."""
+        if self.link in (Link.CONNECTED, Link.RECONNECTING):
+            return True
+        return patient and self.link == Link.OUTDATED and self._fs is not None
 
     async def _lost_later(self, fs, reason):
         if fs is self._fs:
@@ -401,18 +414,10 @@ class Mirror:
 
     async def manifest(self) -> bytes:
         """The peer's manifest of its copy (JSON lines)."""
-        if self.link not in (Link.CONNECTED, Link.OUTDATED) or self._fs is None:
+        # Hashing a big tree may take longer than the acknowledgement timeout.
+        p = await self.begin(P.Kind.MANIFEST_REQ, {}, patient=True)
+        if p is None:
             raise PeerError("not connected to the peer")
-        await self._window.acquire(P.HEADER_SIZE)
-        async with self._send_lock:
-            self._seq += 1
-            p = Pending(self._seq, P.encode(P.Kind.MANIFEST_REQ, self._seq, {}), P.HEADER_SIZE)
-            p.patient = True  # hashing a big tree may take longer than the timeout
-            self._pending[p.seq] = p
-            try:
-                await self._fs.send_parts(p.parts)
-            except LinkClosed as e:
-                self._nursery.start_soon(self._lost_later, self._fs, str(e))
         await p.done.wait()
         if p.lost or not p.complete:
             raise PeerError("the peer's manifest did not arrive whole (link lost or resumed)")
