@@ -7,6 +7,7 @@ import json
 import logging
 import logging.handlers
 import os
+import select
 import subprocess
 import sys
 import time
@@ -64,6 +65,24 @@ def _mount_argv(params: dict) -> list[str]:
     return argv
 
 
+def _read_report(fd: int, wait: float) -> bytes:
+    """The agent's one-line report on the pipe (up to its newline, or EOF, or `wait`)."""
+    answer = b""
+    deadline = time.monotonic() + wait
+    try:
+        while not answer.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(fd)
+    return answer
+
+
 def spawn_agent(params: dict, wait: float) -> None:
     """Start the agent in the background and wait until it says it is mounted."""
     r, w = os.pipe()
@@ -75,21 +94,7 @@ def spawn_agent(params: dict, wait: float) -> None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     os.close(w)
-    answer = b""
-    deadline = time.monotonic() + wait
-    with os.fdopen(r, "rb") as pipe:
-        os.set_blocking(r, True)
-        import select
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([pipe], [], [], 0.5)
-            if ready:
-                chunk = os.read(r, 4096)
-                if not chunk:
-                    break
-                answer += chunk
-                if answer.endswith(b"\n"):
-                    break
-    line = answer.decode(errors="replace").strip()
+    line = _read_report(r, wait).decode(errors="replace").strip()
     if line == "OK":
         return
     if line.startswith("ERR "):

@@ -286,8 +286,8 @@ def _takeover_blocker(view, policy) -> str | None:
                 f"not have (primforce overrides)")
     if last is None and me.last_primary != me.name:
         # At start nothing tells whether the last primary wrote after this node left.
-        return (f"data not up to date: this node was not the last primary and has not "
-                f"heard its peer since start (prim overrides)")
+        return ("data not up to date: this node was not the last primary and has not "
+                "heard its peer since start (prim overrides)")
     blocker = _blocker(view, policy)
     if blocker:
         return blocker

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import abort_fuse, cli, wait_for
 
 
@@ -38,6 +36,16 @@ def _role(node, *args) -> bool:
         return False
 
 
+def _clean_up(node, fd: int, ok: bool) -> None:
+    """Free a wedged agent first (closing its file would wait on it), then the file."""
+    if not ok:
+        _wedged(node)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _answers(node) -> bool:
     try:
         return cli("status", node.dir, "--json", check=False, timeout=10).returncode == 0
@@ -59,12 +67,7 @@ def test_role_primary_again_does_not_freeze_agent(make_pair):
         ok = _answers(pair.primary)
         assert switched and ok
     finally:
-        if not ok:
-            _wedged(pair.primary)
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _clean_up(pair.primary, fd, ok)
 
 
 def test_alone_then_primary_with_open_file_does_not_hang(make_pair):
@@ -81,12 +84,7 @@ def test_alone_then_primary_with_open_file_does_not_hang(make_pair):
         ok = ok and changed
         assert switched and changed
     finally:
-        if not ok:
-            _wedged(pair.primary)
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _clean_up(pair.primary, fd, ok)
 
 
 def test_op_waiting_for_window_when_peer_lost_is_answered(make_pair):
