@@ -288,6 +288,14 @@ def config_check(path):
     click.echo(f"{path}: ok")
 
 
+def _register_cluster_commands() -> None:
+    from cli import cluster
+    cluster.register(cli)
+
+
+_register_cluster_commands()
+
+
 def entry():
     """Console entry point. Also accepts mount.fuse3's form `fusemirror SRC DIR -o OPTS`
     (fstab type fuse.fusemirror)."""

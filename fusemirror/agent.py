@@ -223,10 +223,13 @@ class Agent:
             replica, self.replica = self.replica, None
             await replica.close()
 
-    async def set_role(self, role: str, peer=None, listen=None) -> None:
+    async def set_role(self, role: str, peer=None, listen=None, policy: Policy | None = None,
+                       peer_lost: bool = False) -> None:
         """Change role without unmounting. Changes by the application wait (they do
         not fail) while the switch is in progress; if the new role cannot be taken,
-        the old one stays."""
+        the old one stays. `policy` replaces the peer-loss policy (the controller's
+        choice). `peer_lost`: the controller decided the peer is gone, so what waits
+        for it is not waited for: it goes on alone, the peer marked out of date."""
         if role not in (PRIMARY, REPLICA, ALONE):
             raise X.Failure(X.BAD_CONFIG, f"unknown role {role!r}")
         peer = peer or self.o.peer
@@ -237,13 +240,21 @@ class Agent:
             raise X.Failure(X.BAD_CONFIG, "role primary needs --peer HOST:PORT")
         async with self._lock:
             old = self.fs.role
+            if policy is not None:
+                self.o.policy = policy
+                if self.mirror is not None:
+                    self.mirror.policy = policy
             self.fs.pause()
             try:
+                if self.mirror is not None and peer_lost:
+                    await self.mirror.go_alone("the controller decided the peer is gone")
                 if self.mirror is not None:
                     with trio.move_on_after(self.o.timeout):
                         await self.mirror.drain()
                 if role == PRIMARY:
-                    await self._switch_to_primary(peer)
+                    if not (old == PRIMARY and peer == self.o.peer and self.mirror is not None
+                            and self.mirror.link.value == "connected"):
+                        await self._switch_to_primary(peer)
                 elif role == REPLICA:
                     if old == REPLICA and listen == self.o.listen:
                         pass                      # already listening there
@@ -296,7 +307,9 @@ class Agent:
             if cmd == "role":
                 peer = parse_address(req["peer"], "--peer") if req.get("peer") else None
                 listen = parse_address(req["listen"], "--listen") if req.get("listen") else None
-                await self.set_role(req["role"], peer, listen)
+                policy = Policy(req["policy"]) if req.get("policy") else None
+                await self.set_role(req["role"], peer, listen, policy,
+                                    bool(req.get("peer_lost")))
                 return {"ok": True, **self.status()}
             if cmd == "verify":
                 return {"ok": True, "differences": await self.verify()}

@@ -151,6 +151,7 @@ class Failover:
 @dataclass(frozen=True)
 class Http:
     port: int = 7791
+    address: str = "0.0.0.0"     # where /ready, /liveness, /metrics and /state listen
 
 
 @dataclass(frozen=True)
@@ -625,7 +626,8 @@ def _build(r: _Reader, data: dict, source: str) -> ModuleConfig:
 
 
 def _http(t: _Table) -> Http:
-    http = Http(port=t.get("port", _port, Http.port))
+    http = Http(port=t.get("port", _port, Http.port),
+                address=t.get("address", _ip, Http.address))
     t.finish()
     return http
 

@@ -86,14 +86,21 @@ async def serve(path: str, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> 
 def request(mountpoint: str, payload: dict, timeout: float | None = 30.0,
             run_dir: str = RUN_DIR) -> dict:
     """Send one request to the agent of mountpoint (blocking; for the CLI)."""
-    path = socket_path(mountpoint, run_dir)
+    return request_path(socket_path(mountpoint, run_dir), payload, timeout,
+                        what=f"the agent of {mountpoint}",
+                        missing=f"no fusemirror agent serves {mountpoint}")
+
+
+def request_path(path: str, payload: dict, timeout: float | None = 30.0, *,
+                 what: str = "the controller", missing: str | None = None) -> dict:
+    """Send one request to whatever serves the socket at path (blocking)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         s.close()
-        raise ControlError(f"no fusemirror agent serves {mountpoint}", code=8) from None
+        raise ControlError(missing or f"nothing answers on {path}", code=8) from None
     try:
         s.sendall(json.dumps(payload).encode() + b"\n")
         buf = b""
@@ -103,11 +110,11 @@ def request(mountpoint: str, payload: dict, timeout: float | None = 30.0,
                 break
             buf += data
     except socket.timeout:
-        raise ControlError(f"the agent of {mountpoint} did not answer in {timeout:g}s") from None
+        raise ControlError(f"{what} did not answer in {timeout:g}s") from None
     finally:
         s.close()
     if not buf:
-        raise ControlError(f"the agent of {mountpoint} closed the connection")
+        raise ControlError(f"{what} closed the connection")
     answer = json.loads(buf)
     if not answer.get("ok", False):
         raise ControlError(answer.get("error", "request failed"), code=answer.get("code", 10))

@@ -140,6 +140,9 @@ class View:
     mounts_ok: bool = True                  # every mount agent answers in its expected role
     resync_running: bool = False
     mirror_exact: bool = False              # SECOND: the copy equals the primary's right now
+    link_lost: bool = False                 # SECOND: no replication link from a primary that
+                                            # is alive, for longer than it may take to notice
+                                            # that the primary died
 
 
 @dataclass(frozen=True)
@@ -625,9 +628,18 @@ def _follow(view, policy, p):
     if p.epoch < me.epoch:
         return _wait(view, _conflict_with_primary(replace(me, diverged=False), p))
     if not view.mounts_ok:
-        return _stay(view, NOT_READY, "a mount agent is not healthy")
+        # The primary waits for this node's acknowledgements: leaving the mirror lets
+        # it go on alone instead of failing the application's writes.
+        return _wait(view, f"a mount agent is not healthy; left the mirror so that "
+                           f"{p.name} goes on alone")
+    if view.link_lost:
+        return _wait(view, f"no replication link from {p.name} although it is alive; "
+                           f"left the mirror so that it goes on alone")
     if view.resync_running:
         return _stay(view, TRANSIENT, f"resynchronising from {p.name}")
+    if not me.uptodate:
+        return _stay(view, NOT_READY, f"copy out of date: {p.name} has changes this node "
+                                      f"lacks; it needs a resynchronisation")
     if not view.mirror_exact:
         return _stay(view, TRANSIENT, f"waiting for the replication link from {p.name}")
     if me.swap_requested and p.state is State.PRIM and _ready_to_receive(view, policy):

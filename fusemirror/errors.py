@@ -13,6 +13,7 @@ REFUSED = 7            # the peer refused the handshake (secret, protocol versio
 NO_AGENT = 8           # no agent serves that folder (role, umount, status, verify)
 BAD_CONFIG = 9         # unreadable secret file, bad address, busy port, bad option
 FAILED = 10            # anything else; the log says more
+RUNNING = 11           # a controller already runs for that module and node
 
 
 class Failure(Exception):

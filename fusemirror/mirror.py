@@ -16,6 +16,7 @@ after applying it. A caller learns the outcome with finish():
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 import os
@@ -35,6 +36,10 @@ _SMALL_FRAME = 4096                 # window share of a frame encoded at sequenc
 PING_INTERVAL = 1.0
 MANIFEST_TIMEOUT = 600.0            # building a manifest reads every file of the tree
 RECONNECT_INTERVAL = 0.2
+# Upper bounds (µs) of the acknowledgement latency histogram kept in stats["rtt_buckets"]
+# (one more bucket counts what is above the last bound); read by the controller's /metrics.
+RTT_BOUNDS_US = (100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+                 500000, 1000000, 2500000, 5000000, 10000000)
 
 
 class Policy(str, enum.Enum):
@@ -99,7 +104,8 @@ class Mirror:
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
-        self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0}
+        self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0,
+                      "rtt_sum_us": 0, "rtt_buckets": [0] * (len(RTT_BOUNDS_US) + 1)}
 
     # --- connecting ----------------------------------------------------------
     async def _open(self) -> tuple[FrameStream, P.Message]:
@@ -191,7 +197,10 @@ class Mirror:
             return
         self.stats["acks"] += 1
         if not p.patient:
-            self.stats["last_rtt_us"] = int((time.monotonic() - p.sent) * 1e6)
+            rtt = int((time.monotonic() - p.sent) * 1e6)
+            self.stats["last_rtt_us"] = rtt
+            self.stats["rtt_sum_us"] += rtt
+            self.stats["rtt_buckets"][bisect.bisect_left(RTT_BOUNDS_US, rtt)] += 1
         p.errno = errno
         p.done.set()
         self._window.release(p.size)
@@ -239,6 +248,15 @@ class Mirror:
                       *self.peer, reason, self.timeout)
             self._lost_at = time.monotonic()
             self._set(Link.RECONNECTING)
+
+    async def go_alone(self, reason: str) -> None:
+        """The controller decided the peer is gone (its heartbeats stopped, or it left
+        the mirror): from now on changes go on without it. What still waits for the
+        peer is released as if the peer had been lost under policy alone, after the
+        peer was durably marked out of date."""
+        self.policy = Policy.ALONE
+        if self.link == Link.RECONNECTING or (self.link == Link.CONNECTED and self._pending):
+            await self._outdate(reason)
 
     async def _outdate(self, reason: str) -> None:
         """The peer's copy is no longer good: record it durably, then release waiters."""

@@ -57,6 +57,10 @@ _KILL_WAIT = 5.0              # after SIGKILL: how long to wait for the group to
 _POLL = 0.05                  # seconds between two looks at a group that is going
 _PR_SET_CHILD_SUBREAPER = 36
 
+# Children this process waits for itself (trio processes: scripts, mount agents). The
+# orphan reaper leaves them alone, so their exit status reaches whoever waits for them.
+MANAGED: set[int] = set()
+
 
 @dataclass(frozen=True)
 class ScriptResult:
@@ -163,6 +167,7 @@ async def run_command(argv: Sequence[str], *, timeout: float,
             await trio.to_thread.run_sync(_write_marker, out, f"{name}: {problem}")
             return ScriptResult(False, None, False, 0.0, timeout=timeout, error=problem)
         pgid = proc.pid              # the leader of a new session: its pid is the group id
+        MANAGED.add(pgid)
         log.debug("%s started, pid %d", name, pgid)
         timed_out = False
         try:
@@ -180,6 +185,7 @@ async def run_command(argv: Sequence[str], *, timeout: float,
                 with trio.CancelScope(shield=True):
                     await stop_group(proc, pgid, grace)
             raise
+        MANAGED.discard(pgid)
         await trio.to_thread.run_sync(reap_group, pgid)
         duration = trio.current_time() - started
         tail = await trio.to_thread.run_sync(_read_tail, out, start_offset, tail_lines)
@@ -260,6 +266,25 @@ def set_subreaper(on: bool = True) -> bool:
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def reap_orphans(proc_root: str = "/proc") -> int:
+    """Reap this process's exited children that nobody waits for: orphans re-parented
+    to us as subreaper (the application a start script left running, once it has
+    exited). Children in MANAGED are skipped. Never blocks; how many were reaped."""
+    me, n = os.getpid(), 0
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit() or int(entry.name) in MANAGED:
+            continue
+        stat = _read_stat(os.path.join(proc_root, entry.name, "stat"))
+        if stat is None or stat[1] != me or stat[0] not in "ZX":
+            continue
+        try:
+            if os.waitpid(int(entry.name), os.WNOHANG)[0]:
+                n += 1
+        except ChildProcessError:
+            pass
+    return n
 
 
 def reap_group(pgid: int) -> int:

@@ -92,6 +92,7 @@ class NodeStatus:
     handing_over: bool = False     # demoted for a swap: the peer may promote now
     swap_requested: bool = False   # a SECOND asking its PRIM to hand over
     vote: str = ""                 # the node this one elects, when neither is primary
+    replicating: bool = False      # a primary whose agents apply every change on the peer
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (enums as their string values)."""

@@ -7,7 +7,7 @@ import os
 import sys
 
 from conftest import TOP, Node
-from netns import Lab
+from fusemirror.lab.netns import Lab
 
 PORT = 7788
 

@@ -26,7 +26,7 @@ import pytest
 from fusemirror import vip
 from fusemirror.errors import BAD_CONFIG, FAILED
 
-from netns import _CREATED, Lab, LabError
+from fusemirror.lab.netns import _CREATED, Lab, LabError
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=TOP)

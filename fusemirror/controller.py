@@ -1,0 +1,626 @@
+"""The cluster controller of one module on one node: observe -> decide -> act.
+
+`Controller.run()` binds everything that can fail on bad input first (heartbeat
+sockets, the admin socket, the HTTP port), adopts or starts the mount agents, then
+loops: `observe()` freezes what it sees into a decide.View, `decide()` (pure)
+returns a Decision, and the act step carries it out. A transition (promotion,
+demotion, a role change of the agents, a script) runs as a background task so
+that the loop keeps publishing its state and can still fence; while it runs,
+decide keeps the node Transient. The reason sentence of every decision is logged
+once per change. What is persisted (epoch, last primary, up to date, failover,
+stopped) lives in a state file under the state directory, fsynced before it is
+published. The rules are in docs/states.md, the daemon in docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import replace
+
+import trio
+
+from . import config as C
+from . import control, httpd, scripts, vip
+from . import errors as X
+from .agent import read_secret
+from .agents import ALONE, PRIMARY, REPLICA, Agents
+from .checkers import CheckerSet, RestartGuard
+from .decide import Action, Command, Decision, Guard, Policy, View, decide, published
+from .heartbeat import Heartbeats
+from .report import metrics_page, state_report
+from .states import NodeStatus, Readiness, State
+from .statefile import DEFAULT_DIR, StateFile
+
+log = logging.getLogger(__name__)
+
+LOOP_PERIOD = 0.1            # seconds between two observations when nothing wakes the loop
+START_WAIT = 5.0             # a starting node waits this long to hear its peer
+COMMAND_TIMEOUT = 30.0       # an admin command not decided by then is answered "busy"
+LIVENESS_LIMIT = 10.0        # /liveness fails when the loop made no progress for this long
+ANNOUNCE_INTERVAL = 0.2       # seconds between gratuitous ARP rounds after a takeover
+NO_GUARD = Guard(True, "no split-brain guard is configured")
+
+
+SOCKET_SUFFIX = ".ctl.sock"
+
+
+def socket_path(run_dir: str, module: str, node: str) -> str:
+    """The admin socket: MODULE@NODE.ctl.sock ('@' is in no module or node name)."""
+    return os.path.join(run_dir, f"{module}@{node}{SOCKET_SUFFIX}")
+
+
+def running_controllers(run_dir: str) -> list[tuple[str, str]]:
+    """(module, node) of every admin socket in run_dir."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in sorted(names):
+        if name.endswith(SOCKET_SUFFIX) and "@" in name:
+            module, _, node = name[:-len(SOCKET_SUFFIX)].rpartition("@")
+            found.append((module, node))
+    return found
+
+
+class _Pending:
+    """An admin command waiting for the loop's decision."""
+
+    def __init__(self, command: Command):
+        self.command = command
+        self.done = trio.Event()
+        self.answer: dict = {}
+
+
+class Controller:
+    def __init__(self, config: C.ModuleConfig, node_name: str, *, state_dir: str = DEFAULT_DIR,
+                 run_dir: str = control.RUN_DIR, log_dir: str = "/var/log/fusemirror"):
+        self.config = config
+        self.node = config.node(node_name)                 # UnknownNode: a ConfigError
+        self.peer_node = config.peer_of(node_name)
+        self.secret = read_secret(config.secret_file)
+        for script in (config.scripts.start_prim, config.scripts.stop_prim,
+                       config.scripts.start_both, config.scripts.stop_both):
+            if script is not None and not os.access(script.path, os.X_OK):
+                raise X.Failure(X.BAD_CONFIG, f"script {script.path} is missing or not "
+                                              f"executable")
+        self.state_dir, self.run_dir, self.log_dir = state_dir, run_dir, log_dir
+        self.name = f"module-{config.module}-{node_name}"
+        self.socket_path = socket_path(run_dir, config.module, node_name)
+        self.script_log = os.path.join(log_dir, f"{self.name}.scripts.log")
+        self.policy = Policy(nodes=(config.nodes[0].name, config.nodes[1].name),
+                             defaultprim=config.failover.defaultprim,
+                             max_restarts=config.restart.limit, start_wait=START_WAIT)
+        self.store = StateFile(state_dir, self.name)
+        if "epoch" not in self.store.data:
+            self.store.update(epoch=0, last_primary="", uptodate=True,
+                              failover=config.failover.automatic, stopped=False)
+        self.agents = Agents(config, self.node, config.secret_file, state_dir, run_dir, log_dir,
+                             config.replication.timeout)
+        self.heartbeats = Heartbeats(
+            self.node.name, self.peer_node.name,
+            list(zip(self.node.addresses, self.peer_node.addresses)), config.heartbeat.port,
+            self.secret, config.heartbeat.interval, config.heartbeat.timeout,
+            self._published, module=config.module)
+        self.env = {"FUSEMIRROR_MODULE": config.module, "FUSEMIRROR_NODE": self.node.name,
+                    "FUSEMIRROR_PEER": self.peer_node.name, "FUSEMIRROR_ROOT": self.node.root,
+                    "FUSEMIRROR_VIP": config.vip.address if config.vip else ""}
+        self.checkers = CheckerSet.from_config(config.checkers, env=self.env,
+                                               on_change=lambda _: self.wake())
+        self.restarts = RestartGuard.from_config(config.restart)
+        stopped = bool(self.store.get("stopped"))
+        self.status = NodeStatus(self.node.name, State.STOP if stopped else State.WAIT,
+                                 Readiness.NOT_READY if stopped else Readiness.TRANSIENT,
+                                 "stopped by the admin" if stopped else "starting",
+                                 epoch=self.store.get("epoch"),
+                                 last_primary=self.store.get("last_primary"),
+                                 uptodate=self.store.get("uptodate"),
+                                 failover=self.store.get("failover"))
+        self.peer: NodeStatus | None = None
+        self.peer_failover: bool | None = None
+        self.command: _Pending | None = None
+        self.running: str | None = None
+        self.script_failure = None
+        self.app_started = False
+        self.replicating = False          # the agents were connected to the peer as primary
+        self._nursery: trio.Nursery | None = None
+        self._transition: trio.CancelScope | None = None
+        self._checker_scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
+        self._started_at = 0.0
+        self._progress = 0.0
+        self._reason = ""
+        self._acks = self._applied = 0
+        self._link_down_since: float | None = None
+        self._reviving = False
+        self.decisions = 0
+        self.transitions: dict[str, int] = {}
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _published(self) -> dict:
+        """What the heartbeats carry: the status, with the agents' replication as it is."""
+        return {**self.status.to_dict(), "replicating": self.replicating}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self._refuse_second_instance()
+        scripts.set_subreaper()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.heartbeats.run)
+            await nursery.start(control.serve, self.socket_path, self.handle)
+            port = await nursery.start(httpd.serve, self.config.http.address,
+                                       self.config.http.port, self)
+            log.info("%s: heartbeats on port %d, HTTP on %s:%d, admin socket %s",
+                     self.name, self.config.heartbeat.port, self.config.http.address, port,
+                     self.socket_path)
+            await self._clean_up_after_a_crash()
+            await self.agents.start_all()
+            if self.status.state is not State.STOP:
+                await self._script("start_both")
+            self._started_at = self._progress = trio.current_time()
+            nursery.start_soon(self._reaper)
+            nursery.start_soon(self._signals)
+            task_status.started(port)
+            log.info("%s started as %s", self.name, self.status.state)
+            while True:
+                await self.step()
+                with trio.move_on_after(LOOP_PERIOD):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _refuse_second_instance(self) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                lambda: control.request_path(self.socket_path, {"cmd": "ping"}, timeout=2))
+        except control.ControlError:
+            return
+        raise X.Failure(X.RUNNING, f"a controller already runs for module "
+                                   f"{self.config.module} on node {self.node.name}")
+
+    async def _clean_up_after_a_crash(self) -> None:
+        """A controller that was killed may have left the application running and the
+        virtual IP up; the new one starts from WAIT, so both go."""
+        if self.store.get("app_started"):
+            log.warning("the application may still run from before: running stop_prim")
+            await self._script("stop_prim")
+            self.store.update(app_started=False)
+        await self._vip_down()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: stopping the module on this node", signum)
+                await self.shutdown()
+                self._nursery.cancel_scope.cancel()
+                return
+
+    async def shutdown(self) -> None:
+        """Leave cleanly: demote if primary, and unmount the agents this controller
+        started (adopted ones stay, read-only). The persisted `stopped` is not
+        changed: a daemon stopped by systemd starts the module again."""
+        if self._transition is not None:
+            self._transition.cancel()
+        with trio.CancelScope(shield=True):
+            was = self.status.state
+            self.status = replace(self.status, state=State.STOP, readiness=Readiness.TRANSIENT,
+                                  reason="the controller is stopping", busy=True)
+            if was is State.SECOND:
+                await self._persist(uptodate=False)    # the primary goes on without us
+            if was.is_primary or self.app_started:
+                await self._demote(hand_over=False)
+            self.status = replace(self.status, state=State.STOP, readiness=Readiness.NOT_READY,
+                                  reason="the controller stopped", busy=False)
+            await self._send_goodbye()
+            await self.agents.stop_started()
+
+    async def _send_goodbye(self) -> None:
+        """One more round of heartbeats so that the peer learns at once that this node
+        stopped (it need not wait for the timeout)."""
+        with trio.move_on_after(2 * self.config.heartbeat.interval + 0.05):
+            await trio.sleep(2 * self.config.heartbeat.interval)
+
+    async def _reaper(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            scripts.reap_orphans()
+
+    # -- observe -----------------------------------------------------------------------------
+
+    async def observe(self) -> View:
+        await self.agents.poll()
+        now = trio.current_time()
+        stats = self.agents.stats()
+        if stats["acks"] > self._acks or stats["applied"] > self._applied:
+            self.heartbeats.note_alive()
+        self._acks, self._applied = stats["acks"], stats["applied"]
+        heard = self.heartbeats.peer_status()
+        if heard is not None:
+            try:
+                self.peer = NodeStatus.from_dict(heard)
+            except ValueError as e:
+                log.warning("ignoring the peer's status: %s", e)
+        alive = self.heartbeats.peer_alive()
+        p = self.peer if alive else None
+        self._follow_failover(p)
+        if not self.agents.healthy() and not self._reviving:
+            self._nursery.start_soon(self._revive)
+        me = self._me()
+        exact = link_lost = False
+        if me.state is State.SECOND and p is not None and p.state.is_primary:
+            me, exact, link_lost = await self._second_facts(me, p, now)
+        else:
+            self._link_down_since = None
+        silent = min((s.age for s in self.heartbeats.paths() if s.age is not None),
+                     default=now - self._started_at)
+        checkers = self.checkers.views() if self.app_started else ()
+        return View(me=me, guard=NO_GUARD, peer=self.peer, peer_alive=alive,
+                    peer_silent_for=silent,
+                    command=self.command.command if self.command else None,
+                    running=self.running, script_failure=self.script_failure,
+                    app_running=True, checkers=checkers,
+                    restarts_in_window=self.restarts.count(now),
+                    mounts_ok=self.agents.healthy(), resync_running=False,
+                    mirror_exact=exact, link_lost=link_lost)
+
+    def _me(self) -> NodeStatus:
+        """The published status with what is persisted, and what the agents say."""
+        s = self.store.data
+        diverged = any(fa.peer_outdated for fa in self.agents.folders)
+        return replace(self.status, epoch=s["epoch"], last_primary=s["last_primary"],
+                       uptodate=s["uptodate"], failover=s["failover"], diverged=diverged)
+
+    async def _second_facts(self, me: NodeStatus, p: NodeStatus, now: float):
+        """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether
+        the copy is exact and whether the replication link is lost."""
+        folders = self.agents.folders
+        if p.busy:
+            return me, False, False
+        if me.uptodate and (p.diverged or not p.replicating
+                            or not all(fa.uptodate for fa in folders)):
+            why = (f"{p.name} acknowledged writes this node does not have" if p.diverged
+                   else f"{p.name} is primary without replicating to this node"
+                   if not p.replicating else "a replica could not apply a change")
+            await self._persist(uptodate=False)
+            log.warning("this copy is now out of date: %s", why)
+            me = replace(me, uptodate=False)
+        connected = all(fa.replica_connected for fa in folders)
+        exact = (me.uptodate and p.replicating and p.state is State.PRIM and connected
+                 and self.agents.healthy())
+        if exact and (me.epoch, me.last_primary) != (p.epoch, p.last_primary):
+            await self._persist(epoch=p.epoch, last_primary=p.last_primary)
+            me = replace(me, epoch=p.epoch, last_primary=p.last_primary)
+        if connected or not p.replicating:
+            self._link_down_since = None
+        elif self._link_down_since is None:
+            self._link_down_since = now
+        grace = 2 * self.config.heartbeat.timeout + 1.0
+        lost = self._link_down_since is not None and now - self._link_down_since > grace
+        return me, exact, lost
+
+    def _follow_failover(self, p: NodeStatus | None) -> None:
+        """`failover on|off` given on either node applies to both: a change in what the
+        peer publishes is taken over here (not its first value, which says nothing)."""
+        if p is None:
+            return
+        if self.peer_failover is not None and p.failover != self.peer_failover \
+                and p.failover != self.store.get("failover"):
+            log.info("automatic failover turned %s on %s: the same here",
+                     "on" if p.failover else "off", p.name)
+            self.store.update(failover=p.failover)
+            self.status = replace(self.status, failover=p.failover)
+        self.peer_failover = p.failover
+
+    async def _persist(self, **values) -> None:
+        await trio.to_thread.run_sync(lambda: self.store.update(**values))
+
+    async def _revive(self) -> None:
+        self._reviving = True
+        try:
+            await self.agents.revive()
+        finally:
+            self._reviving = False
+
+    # -- decide and act -----------------------------------------------------------------------
+
+    async def step(self) -> Decision:
+        view = await self.observe()
+        d = decide(view, self.policy)
+        self._progress = trio.current_time()
+        self.decisions += 1
+        if d.reason != self._reason:
+            log.log(logging.WARNING if d.readiness is Readiness.NOT_READY else logging.INFO,
+                    "%s %s: %s", d.state, d.readiness, d.reason)
+            self._reason = d.reason
+        if d.command_done and self.command is not None:
+            ok = d.action is not Action.REFUSE
+            self.command.answer = {"ok": ok, "reason": d.reason, "state": str(d.state),
+                                   **({} if ok else {"error": d.reason, "code": X.REFUSED})}
+            self.command.done.set()
+            self.command = None
+        if d.action is Action.PROMOTE:
+            await self._persist(epoch=d.epoch, last_primary=self.node.name, uptodate=True)
+        elif d.action in (Action.FAILOVER_ON, Action.FAILOVER_OFF):
+            await self._persist(failover=d.action is Action.FAILOVER_ON)
+        new = published(view, self.policy, d)
+        if d.action in (Action.NOTHING, Action.REFUSE, Action.FAILOVER_ON, Action.FAILOVER_OFF):
+            self.status = new
+            if view.running is None:
+                self._reconcile(view)
+            return d
+        if d.action is Action.FENCE and self._transition is not None:
+            log.warning("fencing: the running %s is cancelled", self.running)
+            self._transition.cancel()
+        self.status = replace(new, readiness=Readiness.TRANSIENT)
+        self.transitions[d.action.value] = self.transitions.get(d.action.value, 0) + 1
+        self._start_transition(d.action.value, self._carry_out(view, d))
+        return d
+
+    def _reconcile(self, view: View) -> None:
+        """Agents whose role does not match the state (an agent started again, a
+        primary whose peer went away before joining) are put right."""
+        state = view.me.state
+        folders = self.agents.folders
+        if not self.agents.healthy():
+            return
+        p = view.peer if view.peer_alive else None
+        if state in (State.STOP, State.WAIT, State.SECOND):
+            if any(fa.role != REPLICA for fa in folders):
+                self._start_transition(f"agents to {REPLICA}", self._agents_to(REPLICA))
+        elif self.replicating and p is not None and p.state in (State.WAIT, State.SECOND):
+            if any(fa.role != PRIMARY for fa in folders):
+                self._start_transition("agents to primary", self._connect_agents())
+            elif state is State.ALONE and any(fa.link != "connected" for fa in folders):
+                self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
+        elif any(fa.role != ALONE for fa in folders):
+            self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
+
+    def _start_transition(self, name: str, coro) -> None:
+        self.running = name
+        self.status = replace(self.status, busy=True)
+        self._nursery.start_soon(self._run_transition, coro)
+
+    async def _run_transition(self, coro) -> None:
+        try:
+            with trio.CancelScope() as self._transition:
+                await coro
+        finally:
+            self._transition = None
+            self.running = None
+            self.status = replace(self.status, busy=False)
+            self.wake()
+
+    async def _carry_out(self, view: View, d: Decision) -> None:
+        a = d.action
+        p = view.peer if view.peer_alive else None
+        if a is Action.GO_WAIT:
+            if view.me.state is State.STOP:
+                await self._persist(stopped=False)
+                self.script_failure = None
+                await self._script("start_both")
+            elif view.me.state is State.SECOND and p is not None and p.state.is_primary:
+                await self._persist(uptodate=False)   # the primary goes on without us
+            await self._agents_to(REPLICA)
+        elif a is Action.BECOME_SECOND:
+            self.script_failure = None
+            await self._agents_to(REPLICA)
+        elif a is Action.PROMOTE:
+            await self._promote(view, p)
+        elif a is Action.BECOME_PRIM:
+            pass        # replicating already, or the peer needs a resync first (agents alone)
+        elif a is Action.BECOME_ALONE:
+            await self._agents_to(ALONE, lost=True)
+        elif a in (Action.HAND_OVER, Action.DEMOTE):
+            await self._demote(hand_over=a is Action.HAND_OVER)
+        elif a is Action.FENCE:
+            await self._agents_to(REPLICA)            # no write is acknowledged from now
+            await self._demote(hand_over=False)
+        elif a is Action.RESTART_APP:
+            if view.command is None:
+                self.restarts.note_restart(trio.current_time())
+            await self._stop_app()
+            await self._start_app()
+        elif a is Action.STOP:
+            if view.me.state.is_primary or self.app_started:
+                await self._demote(hand_over=False)
+            await self._agents_to(REPLICA)
+            await self._script("stop_both")
+            await self._persist(stopped=True)
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _same_data(self, me: NodeStatus, p: NodeStatus | None) -> bool:
+        """Whether the peer's copy is known to equal this node's, so that the agents
+        can replicate to it at once (otherwise it needs a resync first)."""
+        if p is None or p.state not in (State.WAIT, State.SECOND) or p.busy:
+            return False
+        if me.diverged or p.diverged or not p.uptodate or not me.uptodate:
+            return False
+        return (p.epoch, p.last_primary) == (me.epoch, me.last_primary)
+
+    async def _promote(self, view: View, p: NodeStatus | None) -> None:
+        log.info("promotion 1/4: epoch %d persisted", self.store.get("epoch"))
+        self.replicating = False
+        if self._same_data(view.me, p):
+            await self._connect_agents()
+        if not self.replicating:
+            await self._agents_to(ALONE, lost=True)
+        log.info("promotion 2/4: agents %s", f"primary, replicating to {p.name}"
+                 if self.replicating else "alone")
+        await self._vip_up()
+        log.info("promotion 3/4: virtual IP done")
+        await self._start_app()
+        log.info("promotion 4/4: application %s", "started" if self.script_failure is None
+                 else "FAILED to start")
+
+    async def _connect_agents(self) -> None:
+        errors = await self.agents.set_role(PRIMARY, policy="block")
+        if errors:
+            log.warning("cannot replicate to %s (%s): going on alone", self.peer_node.name,
+                        "; ".join(errors))
+            await self._agents_to(ALONE, lost=True)
+            return
+        self.replicating = True
+
+    async def _agents_to(self, role: str, lost: bool = False) -> None:
+        if role != PRIMARY:
+            self.replicating = False
+        with self._step(f"agents to {role}"):
+            errors = await self.agents.set_role(role, policy="alone" if role == ALONE
+                                                else "block", peer_lost=lost)
+        if errors:
+            log.error("agents to %s: %s", role, "; ".join(errors))
+
+    async def _demote(self, hand_over: bool) -> None:
+        what = "hand-over" if hand_over else "demotion"
+        await self._stop_app()
+        log.info("%s 1/3: application stopped", what)
+        await self._vip_down()
+        log.info("%s 2/3: virtual IP down", what)
+        await self._agents_to(REPLICA)
+        log.info("%s 3/3: agents replica (read-only)", what)
+
+    async def _start_app(self) -> None:
+        self.checkers.reset()
+        await self._persist(app_started=True)
+        self.app_started = True
+        result = await self._script("start_prim")
+        if result is not None and not result.ok:
+            self.script_failure = result.failure("start_prim")
+            return
+        self._start_checkers()
+
+    async def _stop_app(self) -> None:
+        self._stop_checkers()
+        if not self.app_started and not self.store.get("app_started"):
+            return
+        await self._script("stop_prim")
+        self.app_started = False
+        await self._persist(app_started=False)
+
+    def _start_checkers(self) -> None:
+        if not self.checkers.checks:
+            return
+        self._checker_scope = trio.CancelScope()
+
+        async def run():
+            with self._checker_scope:
+                await self.checkers.run()
+
+        self._nursery.start_soon(run)
+
+    def _stop_checkers(self) -> None:
+        if self._checker_scope is not None:
+            self._checker_scope.cancel()
+            self._checker_scope = None
+
+    async def _script(self, which: str):
+        script = getattr(self.config.scripts, which)
+        if script is None:
+            return None
+        log.info("running %s", which)
+        with self._step(which):
+            result = await scripts.run_script(
+                script, env={**self.env, "FUSEMIRROR_STATE": str(self.status.state)},
+                log_path=self.script_log, name=which)
+        (log.info if result.ok else log.error)("%s: %s", which,
+                                               "ok" if result.ok else result.detail)
+        return result
+
+    @contextlib.contextmanager
+    def _step(self, name: str):
+        """Show the step running (View.running, `state`) while it runs."""
+        before, self.running = self.running, name
+        try:
+            yield
+        finally:
+            self.running = before
+
+    async def _vip_up(self) -> None:
+        v = self.config.vip
+        if v is None:
+            return
+        try:
+            iface = v.interface or await trio.to_thread.run_sync(vip.choose_interface, v.cidr)
+            await trio.to_thread.run_sync(vip.add, v.cidr, iface)
+            # One announcement now; the others go on while the application starts.
+            await trio.to_thread.run_sync(vip.announce, v.address, iface, 1)
+            log.info("virtual IP %s up on %s", v.cidr, iface)
+        except vip.VipError as e:
+            log.error("virtual IP %s: %s", v.cidr, e)
+            return
+        if v.arp_count > 1:
+            self._nursery.start_soon(self._announce_more, v.address, iface, v.arp_count - 1)
+
+    async def _announce_more(self, address: str, iface: str, count: int) -> None:
+        await trio.sleep(ANNOUNCE_INTERVAL)
+        try:
+            await trio.to_thread.run_sync(vip.announce, address, iface, count)
+        except vip.VipError as e:
+            log.warning("virtual IP %s: announcing: %s", address, e)
+
+    async def _vip_down(self) -> None:
+        v = self.config.vip
+        if v is None:
+            return
+        try:
+            if await trio.to_thread.run_sync(vip.remove, v.cidr, v.interface):
+                log.info("virtual IP %s down", v.cidr)
+        except vip.VipError as e:
+            log.error("virtual IP %s: %s", v.cidr, e)
+
+    # -- admin requests ----------------------------------------------------------------------
+
+    async def handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "state":
+            return {"ok": True, **self.http_state()}
+        try:
+            command = Command(cmd)
+        except ValueError:
+            return {"ok": False, "error": f"unknown command {cmd!r}", "code": X.USAGE}
+        if self.command is not None:
+            return {"ok": False, "error": f"{cmd} refused: {self.command.command} is pending",
+                    "code": X.REFUSED}
+        pending = self.command = _Pending(command)
+        self.wake()
+        with trio.move_on_after(COMMAND_TIMEOUT):
+            await pending.done.wait()
+        if not pending.done.is_set():
+            if self.command is pending:
+                self.command = None
+            return {"ok": False, "error": f"{cmd}: no decision within {COMMAND_TIMEOUT:g} s "
+                                          f"(running {self.running})", "code": X.FAILED}
+        return pending.answer
+
+    # -- HTTP provider -----------------------------------------------------------------------
+
+    def http_ready(self) -> tuple[bool, str]:
+        s = self.status
+        ok = s.state.is_primary and s.readiness is Readiness.READY and self.app_started
+        return ok, f"{s.state} ({s.readiness}): {s.reason}"
+
+    def http_alive(self) -> tuple[bool, str]:
+        age = trio.current_time() - self._progress
+        return age < LIVENESS_LIMIT, f"last decision {age:.1f} s ago"
+
+    def http_state(self) -> dict:
+        return state_report(self)
+
+    def http_metrics(self) -> str:
+        return metrics_page(self)
+
+
+def run_daemon(config_path: str, node_name: str, **dirs) -> None:
+    """`fusemirror daemon`: load, check and run until SIGTERM. Raises X.Failure."""
+    cfg = C.load(config_path)
+    controller = Controller(cfg, node_name, **dirs)
+    trio.run(controller.run)

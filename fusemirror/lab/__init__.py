@@ -1,0 +1,1 @@
+"""Test, demo and benchmark tooling: nodes in network namespaces on one machine."""
