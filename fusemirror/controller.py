@@ -280,8 +280,8 @@ class Controller:
         """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether
         the copy is exact and whether the replication link is lost."""
         folders = self.agents.folders
-        if p.busy:
-            return me, False, False
+        if p.busy and not p.replicating:
+            return me, False, False      # a promotion that has not connected its agents yet
         if me.uptodate and (p.diverged or not p.replicating
                             or not all(fa.uptodate for fa in folders)):
             why = (f"{p.name} acknowledged writes this node does not have" if p.diverged
@@ -291,8 +291,7 @@ class Controller:
             log.warning("this copy is now out of date: %s", why)
             me = replace(me, uptodate=False)
         connected = all(fa.replica_connected for fa in folders)
-        exact = (me.uptodate and p.replicating and p.state is State.PRIM and connected
-                 and self.agents.healthy())
+        exact = me.uptodate and p.replicating and connected and self.agents.healthy()
         if exact and (me.epoch, me.last_primary) != (p.epoch, p.last_primary):
             await self._persist(epoch=p.epoch, last_primary=p.last_primary)
             me = replace(me, epoch=p.epoch, last_primary=p.last_primary)
@@ -444,6 +443,22 @@ class Controller:
             return False
         return (p.epoch, p.last_primary) == (me.epoch, me.last_primary)
 
+    async def _wait_peer_adopts(self) -> None:
+        """Before a primary that replicated to its peer gives up (its start_prim failed,
+        say), let the peer take this epoch as its own: its copy is the same, and it can
+        then be elected instead of waiting for a node that cannot promote."""
+        epoch = self.store.get("epoch")
+        with self._step("waiting for the peer to follow"):
+            with trio.move_on_after(2 * self.config.heartbeat.timeout + 1):
+                while True:
+                    p = self.peer if self.heartbeats.peer_alive() else None
+                    if p is None:
+                        return
+                    if p.state is State.SECOND and p.epoch == epoch and p.uptodate:
+                        log.info("%s follows at epoch %d", p.name, epoch)
+                        return
+                    await trio.sleep(0.05)
+
     async def _promote(self, view: View, p: NodeStatus | None) -> None:
         log.info("promotion 1/4: epoch %d persisted", self.store.get("epoch"))
         self.replicating = False
@@ -493,6 +508,8 @@ class Controller:
         result = await self._script("start_prim")
         if result is not None and not result.ok:
             self.script_failure = result.failure("start_prim")
+            if self.replicating:
+                await self._wait_peer_adopts()
             return
         self._start_checkers()
 
@@ -623,4 +640,22 @@ def run_daemon(config_path: str, node_name: str, **dirs) -> None:
     """`fusemirror daemon`: load, check and run until SIGTERM. Raises X.Failure."""
     cfg = C.load(config_path)
     controller = Controller(cfg, node_name, **dirs)
-    trio.run(controller.run)
+    try:
+        trio.run(controller.run)
+    except BaseExceptionGroup as group:
+        failure = _first_failure(group)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _first_failure(group: BaseExceptionGroup) -> X.Failure | None:
+    """The user-facing failure that ended the nursery (a port already in use, say)."""
+    for e in group.exceptions:
+        if isinstance(e, X.Failure):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            found = _first_failure(e)
+            if found is not None:
+                return found
+    return None

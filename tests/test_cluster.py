@@ -1,0 +1,401 @@
+"""The controller for real: two nodes in network namespaces, the sample application behind
+the virtual IP, a client writing records through it from a third namespace, and faults.
+
+Every test builds its own fusemirror.lab.cluster.Cluster (its own namespaces, module name,
+run directory and folders) and tears it down whatever happens. After each failover the
+test checks that every record the client saw acknowledged is on the survivor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from demo import client as C
+from fusemirror import control
+from fusemirror.lab.cluster import TOP, Cluster
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
+
+
+def _quiet_logs(c: Cluster) -> None:
+    """No traceback in any daemon or agent log."""
+    for name in os.listdir(c.log_dir):
+        with open(os.path.join(c.log_dir, name), errors="replace") as f:
+            text = f.read()
+        assert "Traceback" not in text, f"{name}:\n{text[-4000:]}"
+
+
+@pytest.fixture
+def cluster(scratch):
+    clusters = []
+
+    def make(**kw) -> Cluster:
+        c = Cluster(scratch, **kw).__enter__()
+        clusters.append(c)
+        return c
+
+    yield make
+    for c in clusters:
+        try:
+            _quiet_logs(c)
+        finally:
+            c.close()
+
+
+def _pair(c: Cluster) -> None:
+    c.start("alpha")
+    c.start("beta")
+    c.wait_state("alpha", "PRIM", timeout=40)
+    c.wait_state("beta", "SECOND", timeout=30)
+
+
+def _lost(c: Cluster, log: str) -> tuple[set, set]:
+    acked = {e["id"] for e in C.acknowledged(C.read_log(log))}
+    return acked, acked - c.records()
+
+
+def _http(c: Cluster, node: str, path: str) -> tuple[int, str]:
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n"
+            "    r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); "
+            "print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code); print(e.read().decode())\n")
+    out = c.lab.run(node, [sys.executable, "-c", code, f"http://127.0.0.1:7791{path}"]).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def test_a_pair_elects_a_primary_and_replicates_through_the_vip(cluster):
+    c = cluster()
+    _pair(c)
+    assert c.has_vip("alpha") and not c.has_vip("beta")
+    writer, log = c.client(duration=2)
+    assert writer.wait(timeout=30) == 0
+    acked, lost = _lost(c, log)
+    assert len(acked) > 20 and not lost
+    assert control.request(os.path.realpath(c.folder("alpha")), {"cmd": "verify"},
+                           timeout=60, run_dir=c.run_dir)["differences"] == []
+
+    # the admin's view: exit codes are the states', both nodes are shown
+    p = c.command("alpha", "state", check=False)
+    assert p.returncode == 3, p.stderr
+    assert "alpha" in p.stdout and "beta" in p.stdout and "SECOND" in p.stdout
+    assert c.command("beta", "state", check=False).returncode == 4
+    full = json.loads(c.command("beta", "state", "--json", check=False).stdout)
+    assert full["me"]["uptodate"] and full["peer"]["name"] == "alpha"
+    assert full["peer"]["replicating"] is True
+
+    # monitoring: /ready only where the application is Ready as primary
+    assert _http(c, "alpha", "/ready")[0] == 200
+    assert _http(c, "beta", "/ready")[0] == 503
+    assert _http(c, "beta", "/liveness")[0] == 200
+    status, page = _http(c, "alpha", "/metrics")
+    assert status == 200
+    assert 'fusemirror_state_code{module="%s",node="alpha"} 3' % c.module in page
+    assert "fusemirror_replication_latency_seconds_bucket" in page
+    assert json.loads(_http(c, "beta", "/state")[1])["me"]["state"] == "SECOND"
+
+
+def test_kill_9_of_the_primary_fails_over_without_losing_a_record(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=8)
+    time.sleep(2)
+    killed_at = time.monotonic()
+    c.kill("alpha")
+    c.wait_state("beta", "ALONE", timeout=20)
+    took = time.monotonic() - killed_at
+    assert writer.wait(timeout=30) == 0
+    acked, lost = _lost(c, log)
+    assert not lost, f"{len(lost)} acknowledged records lost"
+    entries = C.read_log(log)
+    assert C.longest_outage(entries, include_open=True) < 5, C.outages(entries)
+    assert any(e["mono"] > killed_at + took for e in C.acknowledged(entries))
+    assert c.has_vip("beta")
+
+    # alpha comes back: it cleans up (application, VIP) and follows beta, out of date
+    c.start("alpha")
+    me = c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=30)
+    assert not me["uptodate"] and "resynchronisation" in me["reason"]
+    assert not c.has_vip("alpha")
+    assert c.app_pid("alpha") is None
+    c.wait_state("beta", "PRIM", timeout=10)
+    assert c.state("beta")["me"]["epoch"] == 2
+
+
+def test_a_pulled_cable_fails_over_and_the_healed_cluster_never_keeps_two_primaries(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=6)
+    time.sleep(1.5)
+    c.lab.link_down("alpha", side="bridge")
+    c.wait_state("beta", "ALONE", timeout=20)
+    assert writer.wait(timeout=30) == 0
+    acked, lost = _lost(c, log)
+    assert acked and not lost
+    c.lab.link_up("alpha", side="bridge")
+    # Both ran alone: without a witness nothing tells which writes matter, so neither
+    # stays primary and nothing is overwritten; the admin picks the survivor.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        states = [c.state(n)["me"] for n in ("alpha", "beta")]
+        primaries = [s for s in states if s["state"] in ("PRIM", "ALONE")]
+        if len(primaries) <= 1 and not any(s["busy"] for s in states):
+            break
+        time.sleep(0.1)
+    assert len(primaries) <= 1, states
+    if not primaries:
+        assert all("split brain" in s["reason"] for s in states), states
+        c.command("beta", "primforce")
+        c.wait_state("beta", "ALONE", timeout=20)
+    c.command("alpha", "second")
+    c.wait_state("alpha", "SECOND", readiness=None, timeout=20)
+    assert acked <= c.records()
+
+
+def test_a_graceful_stop_hands_over_at_once(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=5)
+    time.sleep(1)
+    stopped_at = time.monotonic()
+    assert c.stop("alpha") == 0
+    c.wait_state("beta", "ALONE", timeout=10)
+    assert time.monotonic() - stopped_at < 8
+    assert writer.wait(timeout=30) == 0
+    assert not _lost(c, log)[1]
+    with open("/proc/self/mountinfo") as f:
+        assert os.path.realpath(c.folder("alpha")) not in f.read()   # its agent unmounted
+    assert c.app_pid("alpha") is None and not c.has_vip("alpha")
+
+
+def test_swap_exchanges_the_roles_and_keeps_the_mirror_exact(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=8)
+    time.sleep(1)
+    started = time.monotonic()
+    c.command("alpha", "swap")
+    c.wait_state("beta", "PRIM", timeout=20)
+    c.wait_state("alpha", "SECOND", timeout=20)
+    assert time.monotonic() - started < 10
+    assert c.has_vip("beta") and not c.has_vip("alpha")
+    # and back, asked from the SECOND's side this time
+    c.command("alpha", "swap")
+    c.wait_state("alpha", "PRIM", timeout=20)
+    c.wait_state("beta", "SECOND", timeout=20)
+    assert writer.wait(timeout=30) == 0
+    acked, lost = _lost(c, log)
+    assert acked and not lost
+    assert control.request(os.path.realpath(c.folder("alpha")), {"cmd": "verify"},
+                           timeout=60, run_dir=c.run_dir)["differences"] == []
+    assert c.state("alpha")["me"]["epoch"] == 3
+
+
+CHECKER = """
+[[checker]]
+name = "app"
+kind = "http"
+url = "http://127.0.0.1:8080/ready"
+interval = 0.3
+timeout = 0.5
+action = "restart"
+
+[restart]
+limit = 1
+window = 600
+"""
+
+
+def test_a_failing_application_is_restarted_then_failed_over_by_the_loop_guard(cluster):
+    c = cluster(checkers=CHECKER)
+    _pair(c)
+    first = c.app_pid("alpha")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pid = c.app_pid("alpha")
+        if pid not in (None, first) and c.state("alpha")["me"]["restarts_in_window"] == 1:
+            break
+        time.sleep(0.1)
+    assert c.app_pid("alpha") not in (None, first), c.tail("alpha")
+    c.wait_state("alpha", "PRIM", timeout=20)
+    os.kill(c.app_pid("alpha"), signal.SIGKILL)      # the loop guard is reached: fail over
+    c.wait_state("beta", "PRIM", timeout=30)
+    c.wait_state("alpha", "SECOND", timeout=30)
+    with open(c.daemon_log("alpha")) as f:
+        log = f.read()
+    assert "restart loop guard was reached" in log
+
+
+def test_failover_off_keeps_the_survivor_waiting_until_prim(cluster):
+    c = cluster()
+    _pair(c)
+    c.command("alpha", "failover", "off")
+    deadline = time.monotonic() + 10
+    while c.state("beta")["me"]["failover"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.state("beta")["me"]["failover"] is False       # applied on both nodes
+    c.kill("alpha")
+    me = c.wait_state("beta", "WAIT", readiness="NotReady", timeout=20)
+    assert "failover off" in me["reason"]
+    p = c.command("beta", "prim")
+    assert "promoted" in p.stdout
+    c.wait_state("beta", "ALONE", timeout=20)
+
+
+@pytest.mark.parametrize("policy, first", [('defaultprim = "beta"', "beta"),
+                                           ('defaultprim = "alone"', "alpha")])
+def test_defaultprim_chooses_the_first_primary(cluster, policy, first):
+    c = cluster(failover=policy)
+    c.start("alpha")
+    c.start("beta")
+    other = "alpha" if first == "beta" else "beta"
+    c.wait_state(first, "PRIM", timeout=40)
+    c.wait_state(other, "SECOND", timeout=30)
+
+
+def test_lastprim_brings_back_the_last_primary(cluster):
+    c = cluster(failover='defaultprim = "lastprim"')
+    _pair(c)                              # fresh nodes: the first listed, alpha
+    c.command("alpha", "swap")
+    c.wait_state("beta", "PRIM", timeout=20)
+    c.wait_state("alpha", "SECOND", timeout=20)
+    assert c.stop("alpha") == 0
+    assert c.stop("beta") == 0
+    c.start("alpha")                      # alpha alone was not the last primary: it waits
+    me = c.wait_state("alpha", "WAIT", readiness="NotReady", timeout=20)
+    assert "data not up to date" in me["reason"]     # it left the mirror when stopped
+    c.start("beta")
+    c.wait_state("beta", "ALONE", readiness=None, timeout=30)
+
+
+def test_a_single_fresh_node_waits_until_prim(cluster):
+    c = cluster()
+    c.start("alpha")
+    me = c.wait_state("alpha", "WAIT", readiness="NotReady", timeout=20)
+    assert "prim overrides" in me["reason"]
+    refused = c.command("alpha", "second", check=False)
+    assert refused.returncode == 7 and "second refused" in refused.stderr
+    c.command("alpha", "prim")
+    c.wait_state("alpha", "ALONE", timeout=20)
+    assert c.has_vip("alpha")
+    c.command("alpha", "stop")
+    c.wait_state("alpha", "STOP", readiness="NotReady", timeout=20)
+    assert not c.has_vip("alpha") and c.app_pid("alpha") is None
+    assert c.command("alpha", "state", check=False).returncode == 0
+
+
+def test_a_failing_start_script_aborts_the_promotion_and_the_peer_takes_over(cluster):
+    c = cluster(extra_start='[ "$FUSEMIRROR_NODE" = alpha ] && { echo "no licence"; exit 1; }'
+                            '\nexit 0')
+    c.start("alpha")
+    c.start("beta")
+    c.wait_state("beta", "PRIM", timeout=60)
+    me = c.wait_state("alpha", "SECOND", readiness=None, timeout=30)
+    assert c.app_pid("alpha") is None and not c.has_vip("alpha"), me
+    with open(c.daemon_log("alpha")) as f:
+        assert "start_prim failed (exit 1: no licence)" in f.read()
+
+
+def test_a_hanging_stop_script_is_killed_before_the_vip_leaves(cluster):
+    c = cluster(extra_stop='[ "$FUSEMIRROR_NODE" = alpha ] && sleep 600\nexit 0',
+                script_timeout=1)
+    _pair(c)
+    started = time.monotonic()
+    c.command("alpha", "swap")
+    c.wait_state("beta", "PRIM", timeout=40)
+    assert time.monotonic() - started > 1             # the VIP waited for stop_prim
+    with open(c.daemon_log("alpha")) as f:
+        log = f.read()
+    assert "stop_prim: after 1 s, " in log
+    assert log.index("stop_prim: after 1 s") < log.index("hand-over 2/3: virtual IP down")
+
+
+def test_a_peer_with_another_secret_is_never_followed(cluster, scratch):
+    c = cluster()
+    other = os.path.join(scratch, "other.secret")
+    with open(other, "w") as f:
+        f.write("a different secret entirely")
+    wrong = c.write_config(secret_file=other)
+    alt = os.path.join(scratch, "beta.toml")
+    os.rename(wrong, alt)
+    c.write_config()
+    c.start("alpha")
+    c.start("beta", config=alt)
+    time.sleep(6.5)                      # longer than the wait for the peer at start
+    for node in ("alpha", "beta"):
+        full = c.state(node)
+        assert full["me"]["state"] == "WAIT" and not full["peer"]["alive"], full
+        assert full["rejected_heartbeats"], full
+    assert not c.has_vip("alpha") and not c.has_vip("beta")
+
+
+def _daemon(c: Cluster, node: str, *args, config=None) -> subprocess.CompletedProcess:
+    return c.lab.run(node, [*c.daemon_argv(node, config), *args], check=False, cwd=TOP,
+                     env=dict(os.environ, PYTHONPATH=TOP), timeout=60)
+
+
+def test_bad_input_gives_one_line_and_starts_nothing(cluster, scratch):
+    c = cluster()
+    bad = os.path.join(scratch, "bad.toml")
+    with open(bad, "w") as f:
+        f.write('module = "x"\n[heartbeat]\ninterval = "fast"\n')
+    p = _daemon(c, "alpha", config=bad)
+    assert p.returncode == 9 and p.stderr.count("\n") == 1, p.stderr
+    p = c.lab.run("alpha", c.daemon_argv("gamma"), check=False, cwd=TOP,
+                  env=dict(os.environ, PYTHONPATH=TOP), timeout=60)
+    assert p.returncode == 9 and "gamma" in p.stderr and p.stderr.count("\n") == 1
+    with open(c.config_path) as f:
+        text = f.read()
+    missing = os.path.join(scratch, "missing.toml")
+    with open(missing, "w") as f:
+        f.write(text.replace("scripts/start_prim", "scripts/nowhere"))
+    p = _daemon(c, "alpha", config=missing)
+    assert p.returncode == 9 and "nowhere" in p.stderr, p.stderr
+
+    # a busy HTTP port: nothing is left behind (no agent, no socket)
+    holder = c.lab.popen("alpha", [sys.executable, "-c", "import socket,time; s=socket.socket();"
+                                   "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+                                   "s.bind(('0.0.0.0', 7791)); s.listen(); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while "7791" not in c.lab.run("alpha", ["ss", "-ltn"]).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        p = _daemon(c, "alpha")
+        assert p.returncode == 9 and "7791" in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(c.run_dir, f"{c.module}@alpha.ctl.sock"))
+        with open("/proc/self/mountinfo") as f:
+            assert os.path.realpath(c.folder("alpha")) not in f.read()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # a second controller for the same module and node
+    c.start("alpha")
+    p = _daemon(c, "alpha")
+    assert p.returncode == 11 and "already runs" in p.stderr, p.stderr
+    c.wait_state("alpha", "WAIT", readiness=None)
+
+
+def test_state_without_a_controller_is_a_clear_error(scratch):
+    p = subprocess.run([sys.executable, "-m", "cli.main", "state", "--run-dir",
+                        os.path.join(scratch, "none")], capture_output=True, text=True,
+                       cwd=TOP, env=dict(os.environ, PYTHONPATH=TOP), timeout=60)
+    assert p.returncode == 8 and "no fusemirror controller runs here" in p.stderr
+
+
+def test_the_sample_client_and_records_helpers_agree(cluster):
+    # a sanity check of the measuring tools the other tests rely on
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=1, name="probe")
+    assert writer.wait(timeout=20) == 0
+    acked = [e["id"] for e in C.acknowledged(C.read_log(log))]
+    assert acked == sorted(acked) and set(acked) <= c.records()
