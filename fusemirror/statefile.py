@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class StateFile:
         self.changes_path = base + ".changes"
         self.data = self._load()
         self._changes = None
+        # Updates come from the event loop and from worker threads (a lost link is
+        # recorded off the loop): one at a time, or two would share the temporary file.
+        self._lock = threading.RLock()
 
     def _load(self) -> dict:
         try:
@@ -56,6 +60,10 @@ class StateFile:
 
     def update(self, **values) -> None:
         """Durably merge values into the state; memory changes only once the disk has."""
+        with self._lock:
+            self._update(values)
+
+    def _update(self, values: dict) -> None:
         data = {**self.data, **values}
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -71,12 +79,16 @@ class StateFile:
             os.close(dfd)
 
     def mark_peer_outdated(self, reason: str) -> None:
-        if not self.data.get("peer_outdated"):
-            self.update(peer_outdated=True, peer_outdated_since=time.time(), reason=reason)
+        with self._lock:
+            if not self.data.get("peer_outdated"):
+                self._update(dict(peer_outdated=True, peer_outdated_since=time.time(),
+                                  reason=reason))
 
     def mark_self(self, uptodate: bool, reason: str = "") -> None:
-        if self.data.get("uptodate") != uptodate:
-            self.update(uptodate=uptodate, uptodate_reason=reason, uptodate_changed=time.time())
+        with self._lock:
+            if self.data.get("uptodate") != uptodate:
+                self._update(dict(uptodate=uptodate, uptodate_reason=reason,
+                                  uptodate_changed=time.time()))
 
     def record_change(self, what: str, path: bytes) -> None:
         """Remember that path changed while the peer could not follow."""
