@@ -195,11 +195,9 @@ def register(cli: click.Group) -> None:
     @_which
     @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
     @click.option("--lines", type=int, default=50, show_default=True)
-    @click.option("--log-dir", default=LOG_DIR, hidden=True)
-    def log_(follow, lines, log_dir, **params):
+    def log_(follow, lines, **params):
         """Show the controller's log (the decisions and the steps of each transition)."""
-        module, node = _target(params["module"], params["node"], params["run_dir"])
-        path = os.path.join(log_dir, f"module-{module}-{node}.log")
+        path = _ask(params, {"cmd": "ping"}, timeout=10)["log_file"]
         try:
             f = open(path, "rb")
         except OSError as e:

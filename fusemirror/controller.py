@@ -597,7 +597,8 @@ class Controller:
     async def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")
         if cmd == "ping":
-            return {"ok": True, "pid": os.getpid()}
+            return {"ok": True, "pid": os.getpid(),
+                    "log_file": os.path.join(self.log_dir, f"{self.name}.log")}
         if cmd == "state":
             return {"ok": True, **self.http_state()}
         try:

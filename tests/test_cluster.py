@@ -399,3 +399,31 @@ def test_the_sample_client_and_records_helpers_agree(cluster):
     assert writer.wait(timeout=20) == 0
     acked = [e["id"] for e in C.acknowledged(C.read_log(log))]
     assert acked == sorted(acked) and set(acked) <= c.records()
+
+
+def test_a_killed_controller_is_replaced_and_adopts_its_agent(cluster):
+    c = cluster()
+    _pair(c)
+    agent_pid = c.agent("alpha")["pid"]
+    app_pid = c.app_pid("alpha")
+    os.kill(c.daemons["alpha"].pid, signal.SIGKILL)     # the controller only
+    c.daemons["alpha"].wait(timeout=10)
+    # Its agent still replicates every change, and its acknowledgements count as
+    # liveness: beta keeps following, and the application keeps being served.
+    time.sleep(3)
+    assert c.state("beta")["me"]["state"] == "SECOND"
+    writer, log = c.client(duration=1, name="meanwhile")
+    assert writer.wait(timeout=20) == 0
+    assert C.acknowledged(C.read_log(log))
+    c.start("alpha")
+    # The new controller stops the application its predecessor left, adopts the agent
+    # (same pid), and the cluster elects a primary again.
+    c.wait_state("alpha", "PRIM", timeout=30)
+    c.wait_state("beta", "SECOND", timeout=30)
+    assert c.agent("alpha")["pid"] == agent_pid
+    assert c.app_pid("alpha") != app_pid
+    p = c.command("beta", "waitstate", "SECOND", "--timeout", "10")
+    assert "SECOND" in p.stdout
+    p = c.command("alpha", "log", "--lines", "200")
+    assert "adopted the agent" in p.stdout and "the application may still run" in p.stdout
+    assert not _lost(c, log)[1]
