@@ -66,6 +66,12 @@ class FolderAgent:
         return m["link"] if m else None
 
     @property
+    def stalled_for(self) -> float:
+        """How long the oldest change sent to the peer has waited for its acknowledgement."""
+        m = self.status and self.status.get("mirror")
+        return m.get("oldest_pending_s", 0.0) if m else 0.0
+
+    @property
     def replica_connected(self) -> bool:
         r = self.status and self.status.get("replica")
         return bool(r and r.get("connected"))

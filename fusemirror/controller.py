@@ -111,6 +111,9 @@ class Controller:
         self.checkers = CheckerSet.from_config(config.checkers, env=self.env,
                                                on_change=lambda _: self.wake())
         self.restarts = RestartGuard.from_config(config.restart)
+        # A SECOND that is heard but acknowledges nothing for this long is asked to leave
+        # the mirror (the replication network alone is down, say): the primary goes on.
+        self.stall_limit = max(2.0, 2 * config.heartbeat.timeout)
         stopped = bool(self.store.get("stopped"))
         self.status = NodeStatus(self.node.name, State.STOP if stopped else State.WAIT,
                                  Readiness.NOT_READY if stopped else Readiness.TRANSIENT,
@@ -143,7 +146,10 @@ class Controller:
 
     def _published(self) -> dict:
         """What the heartbeats carry: the status, with the agents' replication as it is."""
-        return {**self.status.to_dict(), "replicating": self.replicating}
+        stalled = self.replicating and any(fa.stalled_for > self.stall_limit
+                                           for fa in self.agents.folders)
+        return {**self.status.to_dict(), "replicating": self.replicating,
+                "link_stalled": stalled}
 
     def wake(self) -> None:
         self._wake.set()
@@ -223,8 +229,10 @@ class Controller:
     async def _send_goodbye(self) -> None:
         """One more round of heartbeats so that the peer learns at once that this node
         stopped (it need not wait for the timeout)."""
-        with trio.move_on_after(2 * self.config.heartbeat.interval + 0.05):
-            await trio.sleep(2 * self.config.heartbeat.interval)
+        self.heartbeats.send_now()
+        await trio.sleep(min(0.1, 2 * self.config.heartbeat.interval))
+        self.heartbeats.send_now()
+        await trio.sleep(0.05)
 
     async def _reaper(self) -> None:
         while True:
@@ -300,7 +308,8 @@ class Controller:
         elif self._link_down_since is None:
             self._link_down_since = now
         grace = 2 * self.config.heartbeat.timeout + 1.0
-        lost = self._link_down_since is not None and now - self._link_down_since > grace
+        lost = p.link_stalled or (self._link_down_since is not None
+                                  and now - self._link_down_since > grace)
         return me, exact, lost
 
     def _follow_failover(self, p: NodeStatus | None) -> None:
@@ -348,6 +357,11 @@ class Controller:
         elif d.action in (Action.FAILOVER_ON, Action.FAILOVER_OFF):
             await self._persist(failover=d.action is Action.FAILOVER_ON)
         new = published(view, self.policy, d)
+        if (new.state, new.readiness, new.busy, new.vote, new.handing_over,
+                new.swap_requested) != (self.status.state, self.status.readiness,
+                                        self.status.busy, self.status.vote,
+                                        self.status.handing_over, self.status.swap_requested):
+            self.heartbeats.send_now()
         if d.action in (Action.NOTHING, Action.REFUSE, Action.FAILOVER_ON, Action.FAILOVER_OFF):
             self.status = new
             if view.running is None:
@@ -393,6 +407,7 @@ class Controller:
             self._transition = None
             self.running = None
             self.status = replace(self.status, busy=False)
+            self.heartbeats.send_now()
             self.wake()
 
     async def _carry_out(self, view: View, d: Decision) -> None:

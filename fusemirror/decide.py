@@ -585,6 +585,11 @@ def _in_wait(view, policy):
             return _wait(view, conflict)
         if not view.mounts_ok:
             return _wait(view, "a mount agent is not healthy")
+        if p.replicating and (p.link_stalled or not me.uptodate):
+            # This node left the mirror (or never had the primary's data): following a
+            # primary that still waits for it would only make that primary wait longer.
+            return _stay(view, NOT_READY, f"left the mirror; waiting for {p.name} to go on "
+                                          f"alone")
         return _to(view, Action.BECOME_SECOND, State.SECOND, TRANSIENT,
                    f"became SECOND of {p.name}")
     if p is not None and p.busy:

@@ -108,6 +108,9 @@ DEFAULT_INTERVAL = 0.2   # seconds between heartbeats on each network
 DEFAULT_TIMEOUT = 1.0    # a network is down when nothing was heard on it for this long
 
 
+MIN_GAP = 0.02          # seconds between two rounds of heartbeats, at the least
+
+
 class Reason(enum.StrEnum):
     """Why a datagram was refused. The values are stable: they are metric labels."""
 
@@ -374,6 +377,7 @@ class Heartbeats:
         self._tracker = PeerTracker(module, peer_node, secret, self.boot)
         self._paths = [_Path(i, local, peer) for i, (local, peer) in enumerate(addresses)]
         self._noted: float | None = None
+        self._poke = trio.Event()
         self._rejected: collections.Counter[Reason] = collections.Counter()
 
     # -- what the controller reads ------------------------------------------
@@ -381,6 +385,11 @@ class Heartbeats:
     def note_alive(self) -> None:
         """Other evidence that the peer lives (a replication acknowledgement)."""
         self._noted = trio.current_time()
+
+    def send_now(self) -> None:
+        """The status changed: send it at once rather than at the next interval (at
+        most one extra round per MIN_GAP, so a burst of changes is not a flood)."""
+        self._poke.set()
 
     def peer_alive(self) -> bool:
         now = trio.current_time()
@@ -435,7 +444,12 @@ class Heartbeats:
                 await self._send_on(p, status)
             self._watch()
             deadline = max(deadline + self.interval, trio.current_time())
-            await trio.sleep_until(deadline)
+            await trio.sleep(MIN_GAP)
+            with trio.move_on_at(deadline):
+                await self._poke.wait()
+            if self._poke.is_set():
+                self._poke = trio.Event()
+                deadline = trio.current_time()
 
     async def _send_on(self, p: _Path, status: dict) -> None:
         now = _ns(trio.current_time())

@@ -462,8 +462,11 @@ class Mirror:
             await fs.aclose()
 
     def status(self) -> dict:
+        now = time.monotonic()
+        oldest = min((p.sent for p in self._pending.values() if not p.patient), default=now)
         return {"peer": "%s:%d" % self.peer, "link": self.link.value, "policy": self.policy.value,
                 "session": "%016x" % self.session, "in_flight": len(self._pending),
+                "oldest_pending_s": round(now - oldest, 3),
                 "peer_outdated": bool(self.state.get("peer_outdated")), **self.stats}
 
 

@@ -93,6 +93,7 @@ class NodeStatus:
     swap_requested: bool = False   # a SECOND asking its PRIM to hand over
     vote: str = ""                 # the node this one elects, when neither is primary
     replicating: bool = False      # a primary whose agents apply every change on the peer
+    link_stalled: bool = False     # ... but the peer has stopped acknowledging them
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (enums as their string values)."""

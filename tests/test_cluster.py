@@ -427,3 +427,61 @@ def test_a_killed_controller_is_replaced_and_adopts_its_agent(cluster):
     p = c.command("alpha", "log", "--lines", "200")
     assert "adopted the agent" in p.stdout and "the application may still run" in p.stdout
     assert not _lost(c, log)[1]
+
+
+def test_kill_9_of_the_second_lets_the_primary_go_on_alone(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=6)
+    time.sleep(1.5)
+    c.kill("beta")
+    me = c.wait_state("alpha", "ALONE", timeout=20)
+    assert writer.wait(timeout=30) == 0
+    entries = C.read_log(log)
+    assert not _lost(c, log)[1]
+    # writes waited for the controller's decision (about the heartbeat timeout), no longer
+    assert C.longest_outage(entries, include_open=True) < 4, C.outages(entries)
+    assert me["diverged"] is True           # it acknowledged writes that beta lacks
+    c.start("beta")
+    me = c.wait_state("beta", "SECOND", readiness="NotReady", timeout=30)
+    assert not me["uptodate"]
+
+
+def test_losing_one_of_two_networks_is_not_a_failover(cluster):
+    c = cluster(networks=2)
+    _pair(c)
+    writer, log = c.client(duration=6)
+    time.sleep(1)
+    c.lab.link_down("beta", net=1, side="bridge")
+    time.sleep(3)
+    states = {n: c.state(n) for n in ("alpha", "beta")}
+    assert states["alpha"]["me"]["state"] == "PRIM", states
+    assert states["beta"]["me"]["state"] == "SECOND", states
+    assert [n["up"] for n in states["alpha"]["networks"]] == [True, False]
+    c.lab.link_up("beta", net=1, side="bridge")
+    assert writer.wait(timeout=30) == 0
+    entries = C.read_log(log)
+    assert not _lost(c, log)[1] and not C.outages(entries, include_open=True)
+
+
+def test_losing_the_replication_network_only_lets_the_primary_go_on(cluster):
+    c = cluster(networks=2)
+    _pair(c)
+    writer, log = c.client(duration=10)
+    time.sleep(1)
+    c.lab.link_down("beta", net=0, side="bridge")      # heartbeats still go over network 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alpha = c.state("alpha")["me"]
+        if alpha["state"] in ("ALONE", "PRIM") and not alpha["replicating"]:
+            break
+        time.sleep(0.1)
+    assert not alpha["replicating"], alpha          # alpha went on without beta
+    beta = c.state("beta")["me"]
+    assert not beta["uptodate"] and beta["state"] in ("WAIT", "SECOND"), beta
+    with open(c.daemon_log("beta")) as f:
+        assert "no replication link from alpha although it is alive" in f.read()
+    assert writer.wait(timeout=30) == 0
+    entries = C.read_log(log)
+    assert not _lost(c, log)[1]
+    assert C.longest_outage(entries, include_open=True) < 6, C.outages(entries)

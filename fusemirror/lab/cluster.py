@@ -326,13 +326,14 @@ class Cluster:
     # -- the client ---------------------------------------------------------------------------------
 
     def client(self, name: str = "client", duration: float = 30, count: int = 100000,
-               interval: float = 0.02) -> tuple[subprocess.Popen, str]:
+               interval: float = 0.02, timeout: float = 1.0) -> tuple[subprocess.Popen, str]:
         """demo.client in the client namespace, writing records through the VIP."""
         log = os.path.join(self.scratch, f"{name}.jsonl")
         out = open(os.path.join(self.log_dir, f"{name}.out"), "ab")
         p = self.lab.popen("client", [sys.executable, "-m", "demo.client", "--url", self.url,
                                       "--log", log, "--duration", str(duration), "--count",
-                                      str(count), "--interval", str(interval), "--name", name],
+                                      str(count), "--interval", str(interval), "--name", name,
+                                      "--timeout", str(timeout)],
                            cwd=TOP, env=dict(os.environ, PYTHONPATH=TOP),
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         out.close()
