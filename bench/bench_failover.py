@@ -8,7 +8,9 @@ Run as root from the repository root (it builds network namespaces and FUSE moun
 Each run of each scenario builds a fresh two-node cluster (fusemirror.lab.cluster.Cluster,
 default settings: heartbeat every 0.2 s, peer lost after 1.0 s of silence), waits for alpha
 PRIM and beta SECOND, starts demo.client writing one record every 0.02 s through the
-virtual IP (one connection per request, 1 s time limit), lets it write, then:
+virtual IP (one connection per request, 0.5 s time limit: a request whose connection
+attempt went to the dead node is retried soon, as a load balancer's health check or a
+client with a short timeout would), lets it write, then:
 
 1. kill   — kill -9 of alpha's daemon and agent (Cluster.kill; the application on alpha
             stays up but its folder fails, so it answers 503 until the VIP moves);
@@ -66,6 +68,7 @@ from fusemirror.lab.cluster import Cluster
 log = logging.getLogger(__name__)
 
 CLIENT_INTERVAL_S = 0.02
+CLIENT_TIMEOUT_S = 0.5       # per request; the SYN retransmission after 1 s is not measured
 CLIENT_LIMIT_S = 90           # the client stops by itself after this, whatever happens
 WARMUP_ACKS = 50              # records acknowledged before the event (about 1.2 s)
 WARMUP_LIMIT_S = 20
@@ -256,7 +259,8 @@ def measure(c: Cluster, act: Callable[[Cluster], tuple[float, float, dict]]) -> 
     c.start("beta")
     c.wait_state("alpha", "PRIM", timeout=STATE_TIMEOUT_S)
     c.wait_state("beta", "SECOND", timeout=STATE_TIMEOUT_S)
-    writer, client_log = c.client(duration=CLIENT_LIMIT_S, interval=CLIENT_INTERVAL_S)
+    writer, client_log = c.client(duration=CLIENT_LIMIT_S, interval=CLIENT_INTERVAL_S,
+                                  timeout=CLIENT_TIMEOUT_S)
     wait_for("the client has not had enough records acknowledged",
              lambda: len(C.acknowledged(client_entries(client_log))) >= WARMUP_ACKS,
              WARMUP_LIMIT_S)
@@ -369,7 +373,8 @@ def report(result: dict) -> str:
              f"{cfg['started']}",
              f"heartbeat interval {cfg['heartbeat_interval_s']:g} s, timeout "
              f"{cfg['heartbeat_timeout_s']:g} s (defaults); client: one POST every "
-             f"{CLIENT_INTERVAL_S:g} s through the VIP, 1 s time limit per request",
+             f"{CLIENT_INTERVAL_S:g} s through the VIP, {CLIENT_TIMEOUT_S:g} s time limit "
+             f"per request",
              f"machine: {cfg['cpus']} CPUs ({cfg['cpu_model']}), kernel {cfg['kernel']}, "
              f"Python {cfg['python']}", ""]
     for n, (scenario, res) in enumerate(result["scenarios"].items(), 1):

@@ -139,6 +139,10 @@ def register(cli: click.Group) -> None:
                 link = f["link"] or ("connected" if f["replica_connected"] else "-")
                 click.echo(f"  {f['mountpoint']}: {f['role'] or 'NO AGENT'}, link {link}"
                            + (f", {f['error']}" if f["error"] else ""))
+            g = answer.get("guard")
+            if g:
+                click.echo(f"split-brain guard ({g['mode']}): "
+                           f"{'ok' if g['ok'] else 'NOT OK'}, {g['reason']}")
             for n in answer["networks"]:
                 rtt = f", rtt {n['rtt'] * 1000:.2f} ms" if n["rtt"] is not None else ""
                 click.echo(f"  network {n['index']} {n['local']} -> {n['peer']}: "

@@ -1,9 +1,23 @@
-"""The fusemirror demo (`sh scripts/demo.sh`, or `python -m demo` as root).
+"""The fusemirror demo (`sh scripts/demo.sh`, or `python -m demo` as root), and the sample
+application and client it uses (demo.app, demo.client).
 
-Two nodes on one machine, "alpha" and "beta", each with its own prefix under a scratch
-directory in /var/tmp. The folder srv/app of each node is mounted over itself by a
-fusemirror mount agent: beta's as the replica (listening on 127.0.0.1), alpha's as the
-primary. A real workload runs on the primary, the replica's copy is inspected through its
-read-only mount, `fusemirror verify` compares the two, then the roles are swapped and the
-new primary is written to and verified. Everything is unmounted and removed at the end.
+A whole two-node cluster on this machine (fusemirror.lab.cluster): "alpha" and "beta" in
+network namespaces, each running `fusemirror daemon` over its own replicated folder
+/srv/app under a scratch directory in /var/tmp, the sample application (an HTTP service
+storing records in SQLite in that folder) on the primary behind the virtual IP, and a
+client in a third namespace. The demo
+
+1. starts both daemons: alpha becomes PRIM with the VIP, beta SECOND (`fusemirror state`);
+2. unpacks a real source tree into alpha's folder, checks with `fusemirror verify` that
+   both copies are identical, and that beta's copy is read-only (EROFS);
+3. runs the client through the VIP, kills -9 every fusemirror process of alpha, and shows
+   beta taking over (ALONE, the VIP on beta) while the client carries on;
+4. counts the acknowledged records lost (0), the time without service measured by the
+   client, and runs `PRAGMA integrity_check` on the survivor's database;
+5. restarts alpha's daemon: it follows beta as SECOND and says its copy is out of date
+   (resynchronising it is a later feature).
+
+Everything is stopped, unmounted and deleted at the end, also on failure or Ctrl-C. Exit
+status 0 only when every check passed, 1 otherwise (the failed check is named), 2 when
+not run as root.
 """

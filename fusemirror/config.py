@@ -149,6 +149,20 @@ class Failover:
 
 
 @dataclass(frozen=True)
+class Witness:
+    """The split-brain guard (docs/cluster.md): `ping` needs a witness address that
+    a node must reach to act without its peer; `none` only with i_accept_split_brain."""
+    mode: str                      # "ping" | "none"
+    addresses: tuple[str, ...] = ()
+    interval: float = 0.2
+    timeout: float = 1.0
+    i_accept_split_brain: bool = False
+
+
+WITNESS_MODES = ("ping", "none")
+
+
+@dataclass(frozen=True)
 class Http:
     port: int = 7791
     address: str = "0.0.0.0"     # where /ready, /liveness, /metrics and /state listen
@@ -169,6 +183,8 @@ class ModuleConfig:
     restart: RestartGuard = field(default_factory=RestartGuard)
     failover: Failover = field(default_factory=Failover)
     http: Http = field(default_factory=Http)
+    witness: Witness = field(default_factory=lambda: Witness("none",
+                                                             i_accept_split_brain=True))
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -598,6 +614,13 @@ def _build(r: _Reader, data: dict, source: str) -> ModuleConfig:
     restart = _restart(top.table("restart"))
     failover = _failover(top.table("failover"), nodes)
     http = _http(top.table("http"))
+    if "witness" not in data:
+        r.error(("witness",), "[witness] is missing: mode = \"ping\" with addresses = [...] "
+                              "(recommended), or mode = \"none\" with "
+                              "i_accept_split_brain = true (docs/configuration.md)")
+        witness = Witness("none")
+    else:
+        witness = _witness(top.table("witness"))
     top.finish()
 
     if len(nodes) != 2 and ("node",) not in r.broken:
@@ -622,7 +645,39 @@ def _build(r: _Reader, data: dict, source: str) -> ModuleConfig:
             if f.path and n.root is not None:
                 r.files.append((("folder", i, "path"), n.path(f.path), "dir"))
     return ModuleConfig(source, module, secret_file, tuple(nodes), tuple(folders), scripts,
-                        heartbeat, replication, vip, tuple(checkers), restart, failover, http)
+                        heartbeat, replication, vip, tuple(checkers), restart, failover, http,
+                        witness)
+
+
+def _witness(t: _Table) -> Witness:
+    if t.broken:
+        return Witness("none")
+    mode = t.get("mode", _text)
+    if mode is not None and mode not in WITNESS_MODES:
+        t.r.error(t.at("mode"), f"witness.mode must be \"ping\" or \"none\", not {_show(mode)}")
+    addresses = t.get("addresses", _list(_ip, "IP addresses"), ())
+    accept = t.get("i_accept_split_brain", _boolean, False)
+    w = Witness(mode or "none", tuple(addresses or ()),
+                interval=t.get("interval", _seconds(10), Witness.interval),
+                timeout=t.get("timeout", _seconds(300), Witness.timeout),
+                i_accept_split_brain=accept)
+    if mode == "ping" and not addresses and "addresses" not in t.data:
+        t.r.error(t.at("mode"), "witness.mode \"ping\" needs addresses = [...] (the router "
+                                "both nodes reach, for instance)")
+    if mode == "none" and not accept:
+        t.r.error(t.at("mode"), "witness.mode \"none\" lets both nodes become primary when "
+                                "the network between them fails: it needs "
+                                "i_accept_split_brain = true")
+    _timeout_above_interval(t, "witness", w.interval, w.timeout)
+    t.finish()
+    return w
+
+
+def _timeout_above_interval(t: _Table, section: str, interval, timeout) -> None:
+    if interval and timeout and timeout <= 2 * interval:
+        t.r.error(t.at("timeout") if "timeout" in t.data else t.at("interval"),
+                  f"{section}.timeout ({timeout:g} s) must exceed twice "
+                  f"{section}.interval ({interval:g} s)")
 
 
 def _http(t: _Table) -> Http:
@@ -656,10 +711,7 @@ def _heartbeat(t: _Table) -> Heartbeat:
     hb = Heartbeat(port=t.get("port", _port, Heartbeat.port),
                    interval=t.get("interval", _seconds(10), Heartbeat.interval),
                    timeout=t.get("timeout", _seconds(300), Heartbeat.timeout))
-    if hb.interval and hb.timeout and hb.timeout <= 2 * hb.interval:
-        t.r.error(t.at("timeout") if "timeout" in t.data else t.at("interval"),
-                  f"heartbeat.timeout ({hb.timeout:g} s) must exceed twice "
-                  f"heartbeat.interval ({hb.interval:g} s)")
+    _timeout_above_interval(t, "heartbeat", hb.interval, hb.timeout)
     t.finish()
     return hb
 

@@ -28,11 +28,12 @@ from . import errors as X
 from .agent import read_secret
 from .agents import ALONE, PRIMARY, REPLICA, Agents
 from .checkers import CheckerSet, RestartGuard
-from .decide import Action, Command, Decision, Guard, Policy, View, decide, published
+from .decide import Action, Command, Decision, Policy, View, decide, published
 from .heartbeat import Heartbeats
 from .report import metrics_page, state_report
 from .states import NodeStatus, Readiness, State
 from .statefile import DEFAULT_DIR, StateFile
+from .witness import NO_GUARD, PingWitness
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ START_WAIT = 5.0             # a starting node waits this long to hear its peer
 COMMAND_TIMEOUT = 30.0       # an admin command not decided by then is answered "busy"
 LIVENESS_LIMIT = 10.0        # /liveness fails when the loop made no progress for this long
 ANNOUNCE_INTERVAL = 0.2       # seconds between gratuitous ARP rounds after a takeover
-NO_GUARD = Guard(True, "no split-brain guard is configured")
 
 
 SOCKET_SUFFIX = ".ctl.sock"
@@ -111,6 +111,9 @@ class Controller:
         self.checkers = CheckerSet.from_config(config.checkers, env=self.env,
                                                on_change=lambda _: self.wake())
         self.restarts = RestartGuard.from_config(config.restart)
+        w = config.witness
+        self.witness = (PingWitness(w.addresses, w.interval, w.timeout) if w.mode == "ping"
+                        else None)
         # A SECOND that is heard but acknowledges nothing for this long is asked to leave
         # the mirror (the replication network alone is down, say): the primary goes on.
         self.stall_limit = max(2.0, 2 * config.heartbeat.timeout)
@@ -123,6 +126,7 @@ class Controller:
                                  uptodate=self.store.get("uptodate"),
                                  failover=self.store.get("failover"))
         self.peer: NodeStatus | None = None
+        self.guard = NO_GUARD
         self.peer_failover: bool | None = None
         self.command: _Pending | None = None
         self.running: str | None = None
@@ -160,6 +164,12 @@ class Controller:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.heartbeats.run)
+            if self.witness is not None:
+                try:
+                    await nursery.start(self.witness.run)
+                except OSError as e:
+                    raise X.Failure(X.BAD_CONFIG, f"cannot ping the witness: {e.strerror} "
+                                                  f"(the controller must run as root)") from None
             await nursery.start(control.serve, self.socket_path, self.handle)
             port = await nursery.start(httpd.serve, self.config.http.address,
                                        self.config.http.port, self)
@@ -265,10 +275,13 @@ class Controller:
             me, exact, link_lost = await self._second_facts(me, p, now)
         else:
             self._link_down_since = None
-        silent = min((s.age for s in self.heartbeats.paths() if s.age is not None),
-                     default=now - self._started_at)
+        ages = [s.age for s in self.heartbeats.paths() if s.age is not None]
+        silent = min(ages, default=now - self._started_at)
+        guard = (NO_GUARD if self.witness is None else
+                 self.witness.verdict(alive, now - min(ages) if ages else None))
         checkers = self.checkers.views() if self.app_started else ()
-        return View(me=me, guard=NO_GUARD, peer=self.peer, peer_alive=alive,
+        self.guard = guard
+        return View(me=me, guard=guard, peer=self.peer, peer_alive=alive,
                     peer_silent_for=silent,
                     command=self.command.command if self.command else None,
                     running=self.running, script_failure=self.script_failure,

@@ -37,6 +37,8 @@ def state_report(c) -> dict:
                       "age": s.age, "rtt": s.rtt, "error": s.error}
                      for s in c.heartbeats.paths()],
         "rejected_heartbeats": c.heartbeats.rejected(),
+        "guard": {"mode": c.config.witness.mode, "ok": c.guard.ok, "reason": c.guard.reason,
+                  "witnesses": c.witness.status() if c.witness else []},
         "decisions": c.decisions,
     }
 
@@ -92,6 +94,12 @@ def metrics_page(c) -> str:
         if p.rtt is not None:
             page.gauge("fusemirror_heartbeat_rtt_seconds", "Smoothed heartbeat round trip",
                        p.rtt, net)
+    page.gauge("fusemirror_guard_ok", "1 when the split-brain guard lets this node act "
+               "without its peer", int(c.guard.ok), labels)
+    for w in (c.witness.status() if c.witness else []):
+        page.gauge("fusemirror_witness_up", "1 when this witness answered within the timeout",
+                   int(w["age"] is not None and w["age"] <= c.witness.timeout),
+                   {**labels, "address": w["address"]})
     for reason, n in sorted(c.heartbeats.rejected().items()):
         page.counter("fusemirror_heartbeats_rejected_total", "Heartbeats refused, by reason",
                      n, {**labels, "reason": reason})

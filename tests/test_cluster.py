@@ -128,8 +128,32 @@ def test_kill_9_of_the_primary_fails_over_without_losing_a_record(cluster):
     assert c.state("beta")["me"]["epoch"] == 2
 
 
-def test_a_pulled_cable_fails_over_and_the_healed_cluster_never_keeps_two_primaries(cluster):
-    c = cluster()
+def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(cluster):
+    c = cluster()                         # witness: the client's address (the "router")
+    _pair(c)
+    writer, log = c.client(duration=6)
+    time.sleep(1.5)
+    c.lab.link_down("alpha", side="bridge")
+    c.wait_state("beta", "ALONE", timeout=20)
+    me = c.wait_state("alpha", "WAIT", readiness="NotReady", timeout=20)
+    assert "split-brain guard: witness" in me["reason"] and "unreachable" in me["reason"]
+    assert not me["diverged"]               # it acknowledged nothing alone
+    assert not c.has_vip("alpha") and c.app_pid("alpha") is None
+    assert writer.wait(timeout=30) == 0
+    acked, lost = _lost(c, log)
+    assert acked and not lost
+    c.lab.link_up("alpha", side="bridge")
+    # healed: one primary, the other follows (out of date: beta wrote without it)
+    me = c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
+    assert "out of date" in me["reason"]
+    c.wait_state("beta", "PRIM", timeout=20)
+    full = c.state("beta")
+    assert full["guard"]["ok"] and full["guard"]["mode"] == "ping"
+    assert "split-brain guard (ping): ok" in c.command("beta", "state", check=False).stdout
+
+
+def test_without_a_guard_a_cut_makes_two_primaries_that_stop_when_they_meet(cluster):
+    c = cluster(witness='mode = "none"\ni_accept_split_brain = true')
     _pair(c)
     writer, log = c.client(duration=6)
     time.sleep(1.5)
@@ -139,8 +163,8 @@ def test_a_pulled_cable_fails_over_and_the_healed_cluster_never_keeps_two_primar
     acked, lost = _lost(c, log)
     assert acked and not lost
     c.lab.link_up("alpha", side="bridge")
-    # Both ran alone: without a witness nothing tells which writes matter, so neither
-    # stays primary and nothing is overwritten; the admin picks the survivor.
+    # Both ran alone: nothing tells which writes matter, so neither stays primary and
+    # nothing is overwritten; the admin picks the survivor.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         states = [c.state(n)["me"] for n in ("alpha", "beta")]

@@ -36,6 +36,10 @@ port = 7788
 [scripts]
 start_prim = "/etc/fusemirror/app/start_prim"
 stop_prim = "/etc/fusemirror/app/stop_prim"
+
+[witness]
+mode = "ping"
+addresses = ["10.0.0.254"]
 """
 
 FULL = """\
@@ -123,6 +127,13 @@ defaultprim = "lastprim"
 
 [http]
 port = 7004
+address = "127.0.0.1"
+
+[witness]
+mode = "ping"
+addresses = ["10.0.0.254", "fd00::fe"]
+interval = 0.5
+timeout = 2
 """
 
 
@@ -201,7 +212,8 @@ def test_full_file_reads_every_key():
     assert c.checkers[1].host == "127.0.0.1"
     assert c.restart == config.RestartGuard(limit=0, window=3600.0)
     assert c.failover == config.Failover(automatic=False, defaultprim="lastprim")
-    assert c.http.port == 7004
+    assert c.http.port == 7004 and c.http.address == "127.0.0.1"
+    assert c.witness == config.Witness("ping", ("10.0.0.254", "fd00::fe"), 0.5, 2.0)
 
 
 def test_configuration_is_frozen():
@@ -411,12 +423,15 @@ action = "explode" #<
 
 [failover]
 defaultprim = "gamma" #<
+
+[witness]
+mode = "none" #<
 """
     errors = errors_of(text)
     assert [line for line, _ in errors] == marked_lines(text)
     assert [m.split()[0] for _, m in errors] == [
         "secret_file", "unknown", "node[2].name:", "folder[1].port", "heartbeat.timeout",
-        "checker[2].action", "failover.defaultprim"]
+        "checker[2].action", "failover.defaultprim", "witness.mode"]
 
 
 def test_error_text_is_one_line_per_error():
@@ -487,6 +502,10 @@ stop_prim = "{tmp_path}/stop_prim"
 [[checker]]
 kind = "command"
 argv = ["{tmp_path}/check"]
+
+[witness]
+mode = "ping"
+addresses = ["10.99.0.254"]
 """
     path = tmp_path / "app.toml"
     path.write_text(text)

@@ -86,7 +86,8 @@ class Cluster:
     def __init__(self, scratch: str, *, networks: int = 1, heartbeat: str = "",
                  checkers: str = "", failover: str = 'defaultprim = "alpha"',
                  extra_start: str = "", extra_stop: str = "", script_timeout: float = 30,
-                 replication_timeout: float = 10, prefix: str | None = None):
+                 replication_timeout: float = 10, prefix: str | None = None,
+                 witness: str | None = None):
         self.scratch = scratch
         subnets = tuple(f"10.{213 + i}.0.0/24" for i in range(networks))
         self.lab = Lab(prefix, subnets=subnets)
@@ -97,7 +98,7 @@ class Cluster:
         self.clients: list[subprocess.Popen] = []
         self._config_args = dict(networks=networks, heartbeat=heartbeat, checkers=checkers,
                                  failover=failover, script_timeout=script_timeout,
-                                 replication_timeout=replication_timeout)
+                                 replication_timeout=replication_timeout, witness=witness)
         self._scripts = dict(extra_start=extra_start, extra_stop=extra_stop)
 
     # -- paths and addresses ---------------------------------------------------------------
@@ -121,6 +122,11 @@ class Cluster:
     @property
     def vip(self) -> str:
         return str(self.lab.subnets[0].network_address + VIP_HOST)
+
+    @property
+    def default_witness(self) -> str:
+        """The client's address stands for the router both nodes sit behind."""
+        return f'mode = "ping"\naddresses = ["{self.lab.address("client")}"]'
 
     @property
     def url(self) -> str:
@@ -177,7 +183,8 @@ class Cluster:
                 f'stop_prim = "{scripts}/stop_prim"\n'
                 f'start_prim_timeout = {a["script_timeout"]}\n'
                 f'stop_prim_timeout = {a["script_timeout"]}\n\n'
-                f'[failover]\n{a["failover"]}\n\n{a["checkers"]}\n{extra}\n')
+                f'[failover]\n{a["failover"]}\n\n{a["checkers"]}\n\n'
+                f'[witness]\n{a["witness"] or self.default_witness}\n{extra}\n')
         with open(self.config_path, "w") as f:
             f.write(text)
         return self.config_path
