@@ -309,6 +309,11 @@ def test_a_single_fresh_node_waits_until_prim(cluster):
     c.command("alpha", "prim")
     c.wait_state("alpha", "ALONE", timeout=20)
     assert c.has_vip("alpha")
+    app = c.app_pid("alpha")
+    assert "restarting the application" in c.command("alpha", "restart").stdout
+    c.wait_state("alpha", "ALONE", timeout=20)
+    assert c.app_pid("alpha") not in (None, app)
+    assert c.state("alpha")["me"]["restarts_in_window"] == 0   # the admin's do not count
     c.command("alpha", "stop")
     c.wait_state("alpha", "STOP", readiness="NotReady", timeout=20)
     assert not c.has_vip("alpha") and c.app_pid("alpha") is None
