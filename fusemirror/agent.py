@@ -313,6 +313,10 @@ class Agent:
                 return {"ok": True, **self.status()}
             if cmd == "verify":
                 return {"ok": True, "differences": await self.verify()}
+            if cmd == "deadline":
+                until = req.get("until")
+                self.fs.set_deadline(None if until is None else float(until))
+                return {"ok": True}
             if cmd == "drain":
                 await self.drain()
                 return {"ok": True}
@@ -340,6 +344,7 @@ class Agent:
         return {"pid": os.getpid(), "mountpoint": self.o.mountpoint, "role": self.fs.role,
                 "policy": self.o.policy.value, "inodes": len(self.tree),
                 "open_files": len(self.fs._files),
+                "write_deadline": self.fs.write_deadline,
                 "mirror": self.mirror.status() if self.mirror else None,
                 "replica": self.replica.status() if self.replica else None,
                 "state": dict(self.state.data)}

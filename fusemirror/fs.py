@@ -45,18 +45,34 @@ class ReadOnly(Exception):
     pass
 
 
+# The handlers whose success acknowledges a change (or its durability) to the application.
+_CHANGES = {"create", "write", "fsync", "fsyncdir", "setattr", "setxattr", "removexattr",
+            "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename"}
+DEADLINE_WAIT = 5.0     # a change waits this long for a new write deadline, then fails
+
+
+class PastDeadline(Exception):
+    """The controller's permission to acknowledge changes alone has run out."""
+
+
 def _answer(fn):
+    change = fn.__name__ in _CHANGES
+
     @functools.wraps(fn)
     async def handler(self, *args):
         try:
-            return await fn(self, *args)
+            result = await fn(self, *args)
+            if change and self.past_deadline():
+                # Applied, maybe, but not acknowledged: the lease may be another node's now.
+                raise PastDeadline()
+            return result
         except FUSEError:
             raise
         except OSError as e:
             raise FUSEError(e.errno or E.EIO) from None
         except ReadOnly:
             raise FUSEError(E.EROFS) from None
-        except PeerError:
+        except (PeerError, PastDeadline):
             raise FUSEError(E.EIO) from None
         except NoSuchInode:
             raise FUSEError(E.ESTALE) from None
@@ -137,6 +153,10 @@ class MirrorFS(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
+        # time.monotonic() after which no change is acknowledged (the controller's lease,
+        # when this node acts without its peer); None: no limit.
+        self.write_deadline: float | None = None
+        self._deadline_moved = trio.Event()
 
     # --- role ----------------------------------------------------------------
     def set_role(self, role: str, mirror: Mirror | None) -> None:
@@ -153,6 +173,22 @@ class MirrorFS(pyfuse3.Operations):
     async def _through_gate(self) -> None:
         if not self._gate.is_set():
             await self._gate.wait()
+        if self.past_deadline():
+            with trio.move_on_after(DEADLINE_WAIT):
+                while self.past_deadline():
+                    await self._deadline_moved.wait()
+            if self.past_deadline():
+                raise PastDeadline()
+
+    def past_deadline(self) -> bool:
+        return self.write_deadline is not None and time.monotonic() >= self.write_deadline
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Changes are acknowledged until `deadline` (time.monotonic()), or always (None);
+        those waiting for a later deadline go on."""
+        self.write_deadline = deadline
+        self._deadline_moved.set()
+        self._deadline_moved = trio.Event()
 
     async def _sync_on_peer(self, kind: K, fields: dict):
         """The peer's half of an fsync: sent only by a primary with a good link, after

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 from conftest import cli, is_mounted
 
@@ -157,3 +158,52 @@ def test_foreground_agent_unmounts_on_sigterm(scratch):
             proc.kill()
             proc.wait()
         node.close()
+
+
+def test_no_change_is_acknowledged_past_the_write_deadline(alone):
+    """The controller's lease, as the agent enforces it: past the deadline changes wait for
+    a new one, and fail (EIO) if none comes; reads go on."""
+    import errno
+    import threading
+
+    from fusemirror import control as ctl
+
+    def deadline(until):
+        ctl.request(alone.dir, {"cmd": "deadline", "until": until})
+
+    with open(alone.path("f"), "wb") as f:
+        f.write(b"before")
+    deadline(time.monotonic() + 60)
+    os.mkdir(alone.path("within"))
+    deadline(time.monotonic() - 1)
+    done = {}
+
+    def change():
+        try:
+            os.mkdir(alone.path("waited"))
+            done["at"] = time.monotonic()
+        except OSError as e:
+            done["error"] = e.errno
+
+    t = threading.Thread(target=change)
+    t.start()
+    time.sleep(0.5)
+    assert not done                          # waiting for a new deadline
+    renewed = time.monotonic()
+    deadline(renewed + 60)
+    t.join(10)
+    assert done.get("at", 0) >= renewed
+    deadline(time.monotonic() - 1)
+    started = time.monotonic()
+    try:
+        os.mkdir(alone.path("refused"))
+    except OSError as e:
+        assert e.errno == errno.EIO
+    else:
+        raise AssertionError("a change was acknowledged past the deadline")
+    assert time.monotonic() - started >= 4
+    with open(alone.path("f"), "rb") as f:
+        assert f.read() == b"before"          # reading is no acknowledgement
+    assert not os.path.exists(alone.path("refused"))
+    deadline(None)
+    os.mkdir(alone.path("after"))
