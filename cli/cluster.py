@@ -116,6 +116,51 @@ def register(cli: click.Group) -> None:
             pass
 
     @cli.command()
+    @click.option("--listen", "listen", required=True, multiple=True, metavar="HOST:PORT",
+                  help="where to answer (repeat for several addresses)")
+    @click.option("--secrets", required=True, type=click.Path(file_okay=False),
+                  help="a folder holding MODULE.secret for every module served")
+    @click.option("--lease", "length", type=float, default=1.5, show_default=True,
+                  help="seconds a lease lasts (witness.length in the modules' files)")
+    @click.option("--log-file", default=os.path.join(LOG_DIR, "witness.log"), show_default=True)
+    @click.option("-v", "--verbose", is_flag=True)
+    def witness(listen, secrets, length, log_file, verbose):
+        """Run the lease witness for any number of modules, in the foreground."""
+        import trio
+
+        from cli.main import setup_logging
+        from fusemirror import lease
+        from fusemirror.agent import parse_address
+        try:
+            addresses = [parse_address(a, "--listen") for a in listen]
+            table = lease.load_secrets(secrets)
+        except X.Failure as e:
+            _fail(e.code, str(e))
+        setup_logging(log_file, True, verbose)
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                for host, port in addresses:
+                    await nursery.start(lambda task_status, h=host, p=port: lease.serve(
+                        h, p, table, length=length, task_status=task_status))
+                logging.getLogger("fusemirror").info(
+                    "witness for %s on %s, leases of %g s", ", ".join(sorted(table)),
+                    ", ".join(listen), length)
+
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:
+            from fusemirror.controller import _first_failure
+            failure = _first_failure(group)
+            if failure is None:
+                raise
+            _fail(failure.code, str(failure))
+        except X.Failure as e:
+            _fail(e.code, str(e))
+        except KeyboardInterrupt:
+            pass
+
+    @cli.command()
     @_which
     @click.option("--json", "as_json", is_flag=True, help="everything, as JSON")
     def state(as_json, **params):

@@ -213,10 +213,10 @@ class Agent:
         self.replica = replica
         await self._nursery.start(replica.run)
 
-    async def _stop_mirror(self) -> None:
+    async def _stop_mirror(self, drain: bool = True) -> None:
         if self.mirror is not None:
             mirror, self.mirror = self.mirror, None
-            await mirror.close()
+            await mirror.close(drain)
 
     async def _stop_replica(self) -> None:
         if self.replica is not None:
@@ -224,12 +224,13 @@ class Agent:
             await replica.close()
 
     async def set_role(self, role: str, peer=None, listen=None, policy: Policy | None = None,
-                       peer_lost: bool = False) -> None:
+                       peer_lost: bool = False, fence: bool = False) -> None:
         """Change role without unmounting. Changes by the application wait (they do
         not fail) while the switch is in progress; if the new role cannot be taken,
         the old one stays. `policy` replaces the peer-loss policy (the controller's
         choice). `peer_lost`: the controller decided the peer is gone, so what waits
-        for it is not waited for: it goes on alone, the peer marked out of date."""
+        for it is not waited for: it goes on alone, the peer marked out of date. `fence`
+        (to replica only): stop acknowledging at once; what waits for the peer fails."""
         if role not in (PRIMARY, REPLICA, ALONE):
             raise X.Failure(X.BAD_CONFIG, f"unknown role {role!r}")
         peer = peer or self.o.peer
@@ -246,6 +247,9 @@ class Agent:
                     self.mirror.policy = policy
             self.fs.pause()
             try:
+                if self.mirror is not None and fence:
+                    self.mirror.policy = Policy.BLOCK
+                    await self._stop_mirror(drain=False)
                 if self.mirror is not None and peer_lost:
                     await self.mirror.go_alone("the controller decided the peer is gone")
                 if self.mirror is not None:
@@ -309,7 +313,7 @@ class Agent:
                 listen = parse_address(req["listen"], "--listen") if req.get("listen") else None
                 policy = Policy(req["policy"]) if req.get("policy") else None
                 await self.set_role(req["role"], peer, listen, policy,
-                                    bool(req.get("peer_lost")))
+                                    bool(req.get("peer_lost")), bool(req.get("fence")))
                 return {"ok": True, **self.status()}
             if cmd == "verify":
                 return {"ok": True, "differences": await self.verify()}

@@ -81,6 +81,11 @@ class FolderAgent:
         return bool(self.status and self.status["state"].get("peer_outdated"))
 
     @property
+    def changed_alone(self) -> bool:
+        """It acknowledged changes the peer did not apply."""
+        return bool(self.status and self.status["state"].get("changed_alone"))
+
+    @property
     def uptodate(self) -> bool:
         return bool(self.status is None or self.status["state"].get("uptodate", True))
 
@@ -149,19 +154,20 @@ class Agents:
 
     # -- roles ---------------------------------------------------------------------------
 
-    async def set_role(self, role: str, *, policy: str = "block",
-                       peer_lost: bool = False) -> list[str]:
+    async def set_role(self, role: str, *, policy: str = "block", peer_lost: bool = False,
+                       fence: bool = False) -> list[str]:
         """Give every agent `role` (skipping those already in it, except that a primary
         whose link is not connected is connected again). Returns the errors, one per
         folder that could not change; the others changed."""
         errors = []
 
         async def one(fa: FolderAgent) -> None:
-            if (fa.status is not None and fa.role == role and not peer_lost
+            if (fa.status is not None and fa.role == role and not peer_lost and not fence
                     and (role != PRIMARY or (fa.link == "connected"
                                              and fa.status.get("policy") == policy))):
                 return
-            req = {"cmd": "role", "role": role, "policy": policy, "peer_lost": peer_lost}
+            req = {"cmd": "role", "role": role, "policy": policy, "peer_lost": peer_lost,
+                   "fence": fence}
             if role == PRIMARY:
                 req["peer"] = fa.peer
             elif role == REPLICA:
@@ -171,6 +177,21 @@ class Agents:
             except control.ControlError as e:
                 errors.append(f"{fa.mountpoint}: {e}")
                 log.warning("agent of %s: role %s failed: %s", fa.mountpoint, role, e)
+
+        async with trio.open_nursery() as nursery:
+            for fa in self.folders:
+                nursery.start_soon(one, fa)
+        return errors
+
+    async def set_deadline(self, until: float | None) -> list[str]:
+        """Every agent acknowledges changes until `until` (time.monotonic()), or always."""
+        errors = []
+
+        async def one(fa: FolderAgent) -> None:
+            try:
+                await self._request(fa, {"cmd": "deadline", "until": until}, STATUS_TIMEOUT)
+            except control.ControlError as e:
+                errors.append(f"{fa.mountpoint}: {e}")
 
         async with trio.open_nursery() as nursery:
             for fa in self.folders:

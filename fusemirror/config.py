@@ -152,14 +152,18 @@ class Failover:
 class Witness:
     """The split-brain guard (docs/cluster.md): `ping` needs a witness address that
     a node must reach to act without its peer; `none` only with i_accept_split_brain."""
-    mode: str                      # "ping" | "none"
+    mode: str                      # "lease" | "ping" | "none"
     addresses: tuple[str, ...] = ()
-    interval: float = 0.2
-    timeout: float = 1.0
+    interval: float = 0.2          # ping: between two echo requests
+    timeout: float = 1.0           # ping: a witness silent this long is unreachable
     i_accept_split_brain: bool = False
+    port: int = 7792               # lease: the witness daemon's UDP port
+    length: float = 1.5            # lease: as given to `fusemirror witness --lease`
+    renew: float = 0.3             # lease: seconds between two renewals
+    request_timeout: float = 0.25  # lease: how long one request waits for an answer
 
 
-WITNESS_MODES = ("ping", "none")
+WITNESS_MODES = ("lease", "ping", "none")
 
 
 @dataclass(frozen=True)
@@ -654,16 +658,28 @@ def _witness(t: _Table) -> Witness:
         return Witness("none")
     mode = t.get("mode", _text)
     if mode is not None and mode not in WITNESS_MODES:
-        t.r.error(t.at("mode"), f"witness.mode must be \"ping\" or \"none\", not {_show(mode)}")
+        t.r.error(t.at("mode"), f"witness.mode must be \"lease\", \"ping\" or \"none\", "
+                                f"not {_show(mode)}")
     addresses = t.get("addresses", _list(_ip, "IP addresses"), ())
     accept = t.get("i_accept_split_brain", _boolean, False)
     w = Witness(mode or "none", tuple(addresses or ()),
                 interval=t.get("interval", _seconds(10), Witness.interval),
                 timeout=t.get("timeout", _seconds(300), Witness.timeout),
-                i_accept_split_brain=accept)
-    if mode == "ping" and not addresses and "addresses" not in t.data:
-        t.r.error(t.at("mode"), "witness.mode \"ping\" needs addresses = [...] (the router "
-                                "both nodes reach, for instance)")
+                i_accept_split_brain=accept,
+                port=t.get("port", _port, Witness.port),
+                length=t.get("length", _seconds(60), Witness.length),
+                renew=t.get("renew", _seconds(10), Witness.renew),
+                request_timeout=t.get("request_timeout", _seconds(10), Witness.request_timeout))
+    if mode in ("ping", "lease") and not addresses and "addresses" not in t.data:
+        t.r.error(t.at("mode"), f"witness.mode \"{mode}\" needs addresses = [...] (" +
+                  ("the router both nodes reach, for instance)" if mode == "ping" else
+                   "the third machine running fusemirror witness)"))
+    if mode == "lease" and w.length and w.renew and w.request_timeout:
+        from .lease import check_budget
+        try:
+            check_budget(w.length, w.renew, timeout=w.request_timeout)
+        except ValueError as e:
+            t.r.error(t.at("renew") if "renew" in t.data else t.at("mode"), f"witness: {e}")
     if mode == "none" and not accept:
         t.r.error(t.at("mode"), "witness.mode \"none\" lets both nodes become primary when "
                                 "the network between them fails: it needs "

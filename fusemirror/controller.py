@@ -28,11 +28,13 @@ from . import errors as X
 from .agent import read_secret
 from .agents import ALONE, PRIMARY, REPLICA, Agents
 from .checkers import CheckerSet, RestartGuard
-from .decide import Action, Command, Decision, Policy, View, decide, published
+from .decide import (Action, Command, Decision, Guard, Policy, View, decide, elect, local_blocker,
+                     published)
 from .heartbeat import Heartbeats
 from .report import metrics_page, state_report
 from .states import NodeStatus, Readiness, State
 from .statefile import DEFAULT_DIR, StateFile
+from .lease import LeaseClient
 from .witness import NO_GUARD, PingWitness
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,10 @@ class Controller:
         w = config.witness
         self.witness = (PingWitness(w.addresses, w.interval, w.timeout) if w.mode == "ping"
                         else None)
+        self.lease = (LeaseClient([(a, w.port) for a in w.addresses], config.module,
+                                  self.node.name, self.secret, timeout=w.request_timeout)
+                      if w.mode == "lease" else None)
+        self._deadline_sent: float | None = None
         # A SECOND that is heard but acknowledges nothing for this long is asked to leave
         # the mirror (the replication network alone is down, say): the primary goes on.
         self.stall_limit = max(2.0, 2 * config.heartbeat.timeout)
@@ -127,6 +133,7 @@ class Controller:
                                  failover=self.store.get("failover"))
         self.peer: NodeStatus | None = None
         self.guard = NO_GUARD
+        self._view: View | None = None
         self.peer_failover: bool | None = None
         self.command: _Pending | None = None
         self.running: str | None = None
@@ -182,6 +189,8 @@ class Controller:
                 await self._script("start_both")
             self._started_at = self._progress = trio.current_time()
             nursery.start_soon(self._reaper)
+            if self.lease is not None:
+                nursery.start_soon(self._keep_lease)
             nursery.start_soon(self._signals)
             task_status.started(port)
             log.info("%s started as %s", self.name, self.status.state)
@@ -277,8 +286,20 @@ class Controller:
             self._link_down_since = None
         ages = [s.age for s in self.heartbeats.paths() if s.age is not None]
         silent = min(ages, default=now - self._started_at)
-        guard = (NO_GUARD if self.witness is None else
-                 self.witness.verdict(alive, now - min(ages) if ages else None))
+        # When the peer fell silent, the witness must have answered *later* than the
+        # next heartbeat was due: an answer from just before a cut proves nothing.
+        heard = (now - min(ages) + self.config.heartbeat.interval) if ages else None
+        if self.lease is not None:
+            guard = self.lease.verdict()
+            if guard.ok and not alive and heard is not None and (
+                    self.lease.answered is None or self.lease.answered <= heard):
+                # As with ping: a grant from before the peer fell silent says nothing
+                # about the network now; act alone only after a renewal since.
+                guard = Guard(False, "lease not renewed since the peer was lost")
+        elif self.witness is not None:
+            guard = self.witness.verdict(alive, heard)
+        else:
+            guard = NO_GUARD
         checkers = self.checkers.views() if self.app_started else ()
         self.guard = guard
         return View(me=me, guard=guard, peer=self.peer, peer_alive=alive,
@@ -293,7 +314,7 @@ class Controller:
     def _me(self) -> NodeStatus:
         """The published status with what is persisted, and what the agents say."""
         s = self.store.data
-        diverged = any(fa.peer_outdated for fa in self.agents.folders)
+        diverged = any(fa.changed_alone for fa in self.agents.folders)
         return replace(self.status, epoch=s["epoch"], last_primary=s["last_primary"],
                        uptodate=s["uptodate"], failover=s["failover"], diverged=diverged)
 
@@ -338,6 +359,59 @@ class Controller:
             self.status = replace(self.status, failover=p.failover)
         self.peer_failover = p.failover
 
+    # -- the lease (split-brain guard, lease mode) ----------------------------------------------
+
+    def _wants_lease(self) -> bool:
+        """Hold the lease while primary; ask for it when this node may have to act without
+        its peer (the peer is silent, or hands over)."""
+        s = self.status
+        if s.state.is_primary:
+            return True
+        if s.state not in (State.WAIT, State.SECOND):
+            return False
+        if s.vote == self.node.name:          # elected, the peer agreeing or about to
+            return True
+        alive = self.heartbeats.peer_alive()
+        p = self.peer
+        if not alive or (p is not None and (p.handing_over or p.state is State.STOP)):
+            return True
+        if s.state is State.WAIT and p is not None and not p.state.is_primary \
+                and self._view is not None and local_blocker(self._view, self.policy) is None:
+            # Both present, nobody primary: the node the election picks once it holds the
+            # lease asks for it (can_promote includes the guard, so nobody would be elected
+            # before somebody holds the lease).
+            winner, _ = elect(replace(self._view.me, can_promote=True),
+                              replace(p, can_promote=True), self.policy)
+            return winner == self.node.name
+        return False
+
+    async def _keep_lease(self) -> None:
+        every = self.config.witness.renew
+        while True:
+            if self._wants_lease():
+                grant = await self.lease.acquire(self.store.get("epoch"))
+                if grant is not None and not grant.granted and self.status.state.is_primary:
+                    log.warning("lease: %s", grant.describe())
+                self.wake()
+            elif self.lease.held() and not self.status.busy:
+                await self.lease.release(self.store.get("epoch"))
+            await self._push_deadline()
+            await trio.sleep(every)
+
+    async def _push_deadline(self) -> None:
+        """The agents may acknowledge changes alone until the lease's end; without a
+        lease mode, or while every change waits for the SECOND, without limit."""
+        if self.lease is None:
+            return
+        alone = self.status.state.is_primary and not self.replicating
+        deadline = self.lease.valid_until_monotonic if alone else None
+        if deadline is not None and deadline == float("-inf"):
+            deadline = 0.0
+        if deadline != self._deadline_sent:
+            errors = await self.agents.set_deadline(deadline)
+            if not errors:
+                self._deadline_sent = deadline
+
     async def _persist(self, **values) -> None:
         await trio.to_thread.run_sync(lambda: self.store.update(**values))
 
@@ -351,7 +425,7 @@ class Controller:
     # -- decide and act -----------------------------------------------------------------------
 
     async def step(self) -> Decision:
-        view = await self.observe()
+        view = self._view = await self.observe()
         d = decide(view, self.policy)
         self._progress = trio.current_time()
         self.decisions += 1
@@ -442,11 +516,13 @@ class Controller:
         elif a is Action.BECOME_PRIM:
             pass        # replicating already, or the peer needs a resync first (agents alone)
         elif a is Action.BECOME_ALONE:
+            if self.lease is not None:        # alone, changes stop at the lease's end
+                await self._push_deadline_now(self.lease.valid_until_monotonic)
             await self._agents_to(ALONE, lost=True)
         elif a in (Action.HAND_OVER, Action.DEMOTE):
             await self._demote(hand_over=a is Action.HAND_OVER)
         elif a is Action.FENCE:
-            await self._agents_to(REPLICA)            # no write is acknowledged from now
+            await self._agents_to(REPLICA, fence=True)   # no write is acknowledged from now
             await self._demote(hand_over=False)
         elif a is Action.RESTART_APP:
             if view.command is None:
@@ -471,6 +547,10 @@ class Controller:
             return False
         return (p.epoch, p.last_primary) == (me.epoch, me.last_primary)
 
+    async def _push_deadline_now(self, deadline: float) -> None:
+        await self.agents.set_deadline(max(deadline, 0.0))
+        self._deadline_sent = max(deadline, 0.0)
+
     async def _wait_peer_adopts(self) -> None:
         """Before a primary that replicated to its peer gives up (its start_prim failed,
         say), let the peer take this epoch as its own: its copy is the same, and it can
@@ -488,8 +568,16 @@ class Controller:
                     await trio.sleep(0.05)
 
     async def _promote(self, view: View, p: NodeStatus | None) -> None:
-        log.info("promotion 1/4: epoch %d persisted", self.store.get("epoch"))
+        epoch = self.store.get("epoch")
+        log.info("promotion 1/4: epoch %d persisted", epoch)
         self.replicating = False
+        if self.lease is not None and not self._same_data(view.me, p):
+            grant = await self.lease.acquire(epoch)
+            if grant is None or not grant.granted:
+                log.error("promotion aborted: the witness did not grant the lease at epoch "
+                          "%d (%s)", epoch, grant.describe() if grant else "no answer")
+                return
+            await self._push_deadline_now(self.lease.valid_until_monotonic)
         if self._same_data(view.me, p):
             await self._connect_agents()
         if not self.replicating:
@@ -511,12 +599,12 @@ class Controller:
             return
         self.replicating = True
 
-    async def _agents_to(self, role: str, lost: bool = False) -> None:
+    async def _agents_to(self, role: str, lost: bool = False, fence: bool = False) -> None:
         if role != PRIMARY:
             self.replicating = False
         with self._step(f"agents to {role}"):
             errors = await self.agents.set_role(role, policy="alone" if role == ALONE
-                                                else "block", peer_lost=lost)
+                                                else "block", peer_lost=lost, fence=fence)
         if errors:
             log.error("agents to %s: %s", role, "; ".join(errors))
 
@@ -528,6 +616,9 @@ class Controller:
         log.info("%s 2/3: virtual IP down", what)
         await self._agents_to(REPLICA)
         log.info("%s 3/3: agents replica (read-only)", what)
+        if self.lease is not None and self.lease.held():
+            await self.lease.release(self.store.get("epoch"))
+            log.info("%s: lease released", what)
 
     async def _start_app(self) -> None:
         self.checkers.reset()

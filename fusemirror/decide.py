@@ -324,6 +324,11 @@ def _can_receive(p: NodeStatus) -> bool:
             and p.can_promote and not p.busy)
 
 
+def local_blocker(view: View, policy: Policy) -> str | None:
+    """What, on this node alone (the guard aside), forbids an automatic promotion."""
+    return _blocker(view, policy)
+
+
 # ---------------------------------------------------------------- election
 
 def elect(a: NodeStatus, b: NodeStatus, policy: Policy) -> tuple[str | None, str]:

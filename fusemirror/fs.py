@@ -262,6 +262,7 @@ class MirrorFS(pyfuse3.Operations):
         bytes or a callable giving them."""
         if not self.state.get("peer_outdated"):
             self.state.mark_peer_outdated(f"changed while {self.role} without the peer")
+        self.state.mark_changed_alone()
         if callable(path):
             try:
                 path = path()

@@ -42,6 +42,9 @@ RTT_BOUNDS_US = (100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 2
                  500000, 1000000, 2500000, 5000000, 10000000)
 
 
+_NOT_CHANGES = (P.Kind.PING, P.Kind.RELEASE, P.Kind.MANIFEST_REQ)
+
+
 class Policy(str, enum.Enum):
     BLOCK = "block"
     ALONE = "alone"
@@ -64,7 +67,7 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete")
+                 "mirror", "complete", "kind")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -78,6 +81,7 @@ class Pending:
         self.complete = False    # every chunk of a manifest arrived
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
+        self.kind = None         # the operation's protocol kind
 
 
 class Mirror:
@@ -262,6 +266,10 @@ class Mirror:
         """The peer's copy is no longer good: record it durably, then release waiters."""
         try:
             await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
+            if self.policy == Policy.ALONE and any(
+                    not p.patient and p.kind not in _NOT_CHANGES for p in self._pending.values()):
+                # what waits is acknowledged without the peer
+                await trio.to_thread.run_sync(self.state.mark_changed_alone)
         except OSError as e:
             # Going on alone without a durable record could later make a stale copy look
             # good: refuse writes instead, whatever the policy.
@@ -379,7 +387,7 @@ class Mirror:
             self._seq += 1
             seq = self._seq
             p = Pending(seq, prepared.stamp(seq), size, self)
-            p.patient = patient
+            p.patient, p.kind = patient, kind
             self._pending[seq] = p
             self.stats["ops"] += 1
             self.stats["bytes"] += prepared.length + P.HEADER_SIZE
@@ -447,9 +455,13 @@ class Mirror:
             last = max(self._pending)
             await self._pending[last].done.wait()
 
-    async def close(self) -> None:
-        with trio.move_on_after(self.timeout):
-            await self.drain()
+    async def close(self, drain: bool = True) -> None:
+        """Say goodbye and close. With drain, first wait (up to the timeout) for what is
+        in flight; without, what is in flight is given up: lost, it fails (policy block)
+        or goes on alone (policy alone)."""
+        if drain:
+            with trio.move_on_after(self.timeout):
+                await self.drain()
         fs, self._fs = self._fs, None
         self._set(Link.CLOSED)
         self._release_all()

@@ -84,6 +84,13 @@ class StateFile:
                 self._update(dict(peer_outdated=True, peer_outdated_since=time.time(),
                                   reason=reason))
 
+    def mark_changed_alone(self) -> None:
+        """This copy acknowledged a change the peer did not apply (the controller's
+        `diverged`): recorded before the change is acknowledged."""
+        with self._lock:
+            if not self.data.get("changed_alone"):
+                self._update(dict(changed_alone=True, changed_alone_since=time.time()))
+
     def mark_self(self, uptodate: bool, reason: str = "") -> None:
         with self._lock:
             if self.data.get("uptodate") != uptodate:

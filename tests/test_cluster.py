@@ -514,3 +514,125 @@ def test_losing_the_replication_network_only_lets_the_primary_go_on(cluster):
     entries = C.read_log(log)
     assert not _lost(c, log)[1]
     assert C.longest_outage(entries, include_open=True) < 6, C.outages(entries)
+
+
+# --- the lease witness (split-brain guard, lease mode) -------------------------------------
+
+WRITER = """
+import json, os, sys, time
+folder, log, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+with open(log, "a") as out:
+    k = 0
+    while time.monotonic() < end:
+        k += 1
+        try:
+            fd = os.open(os.path.join(folder, "local.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, b"%d\\n" % k)
+            os.fsync(fd)
+            os.close(fd)
+            out.write(json.dumps({"seq": k, "acked": time.monotonic()}) + "\\n")
+        except OSError as e:
+            out.write(json.dumps({"seq": k, "error": e.errno, "at": time.monotonic()}) + "\\n")
+        out.flush()
+        time.sleep(0.02)
+"""
+
+
+def _local_writer(c: Cluster, node: str, seconds: float):
+    """Appends fsynced records to the node's own mount, logging each acknowledgement."""
+    log = os.path.join(c.scratch, f"{node}.local.jsonl")
+    p = subprocess.Popen([sys.executable, "-c", WRITER, c.folder(node), log, str(seconds)],
+                         stdin=subprocess.DEVNULL)
+    c.pids.add(p.pid)
+    return p, log
+
+
+def _lease_pair_with_local_writer(cluster, seconds: float):
+    """A lease-mode pair, and a writer on alpha's own mount that has been going 1.5 s."""
+    c = cluster(witness="lease")
+    c.start_witness()
+    _pair(c)
+    local, local_log = _local_writer(c, "alpha", seconds)
+    time.sleep(1.5)
+    return c, local, local_log
+
+
+def _acks(log: str) -> list[float]:
+    with open(log) as f:
+        return [e["acked"] for e in map(json.loads, f) if "acked" in e]
+
+
+def test_lease_mode_fails_over_once_the_lease_is_free(cluster):
+    c = cluster(witness="lease")
+    c.start_witness()
+    _pair(c)
+    full = c.state("alpha")
+    assert full["guard"]["mode"] == "lease" and full["guard"]["ok"], full["guard"]
+    writer, log = c.client(duration=8)
+    time.sleep(2)
+    c.kill("alpha")
+    c.wait_state("beta", "ALONE", timeout=20)
+    assert writer.wait(timeout=30) == 0
+    assert not _lost(c, log)[1]
+    entries = C.read_log(log)
+    assert C.longest_outage(entries, include_open=True) < 5, C.outages(entries)
+    with open(c.daemon_log("beta")) as f:
+        assert "the witness granted the lease" in f.read()
+
+
+def test_lease_mode_an_isolated_primary_fences_itself_and_acknowledges_nothing_alone(cluster):
+    c, local, local_log = _lease_pair_with_local_writer(cluster, 8)
+    c.lab.link_down("alpha", side="bridge")           # from beta and from the witness
+    cut = time.monotonic()
+    c.wait_state("beta", "ALONE", timeout=20)
+    took_over = time.monotonic()
+    me = c.wait_state("alpha", "WAIT", readiness="NotReady", timeout=20)
+    assert "split-brain guard" in me["reason"] and not me["diverged"], me
+    local.wait(timeout=30)
+    late = [t for t in _acks(local_log) if t > cut]
+    assert not late, f"alpha acknowledged {len(late)} writes after the cut"
+    assert took_over > cut
+    c.lab.link_up("alpha", side="bridge")
+    c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
+    c.wait_state("beta", "PRIM", timeout=20)
+
+
+def test_lease_mode_a_frozen_primary_acknowledges_nothing_when_it_wakes_up(cluster):
+    c, local, local_log = _lease_pair_with_local_writer(cluster, 10)
+    pids = c.fusemirror_pids("alpha")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        c.wait_state("beta", "ALONE", timeout=20)    # once alpha's lease has expired
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    c.wait_state("alpha", "WAIT", readiness=None, timeout=20)
+    local.wait(timeout=30)
+    late = [t for t in _acks(local_log) if t > frozen]
+    assert not late, f"alpha acknowledged {len(late)} writes after it was frozen"
+    c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
+
+
+def test_lease_mode_without_the_witness_keeps_the_primary_but_nobody_takes_over(cluster):
+    c = cluster(witness="lease")
+    w = c.start_witness()
+    _pair(c)
+    w.kill()
+    w.wait()
+    deadline = time.monotonic() + 10
+    while "warning" not in c.state("alpha")["me"]["reason"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    me = c.state("alpha")["me"]
+    assert me["state"] == "PRIM" and "warning: split-brain guard" in me["reason"], me
+    c.kill("alpha")
+    c.wait_state("beta", "WAIT", readiness="NotReady", timeout=20)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        me = c.state("beta")["me"]
+        if "lease witness unreachable" in me["reason"]:
+            break
+        time.sleep(0.1)
+    assert me["state"] == "WAIT" and "lease witness unreachable" in me["reason"], me

@@ -123,6 +123,32 @@ class Cluster:
     def vip(self) -> str:
         return str(self.lab.subnets[0].network_address + VIP_HOST)
 
+    def start_witness(self, length: float = 1.5) -> subprocess.Popen:
+        """`fusemirror witness` in the client's namespace (the third machine)."""
+        secrets_dir = os.path.join(self.scratch, "witness-secrets")
+        os.makedirs(secrets_dir, exist_ok=True)
+        shutil.copy(self.secret_file, os.path.join(secrets_dir, f"{self.module}.secret"))
+        out = open(os.path.join(self.log_dir, "witness.out"), "ab")
+        p = self.lab.popen("client", [sys.executable, "-m", "cli.main", "witness", "--listen",
+                                      f"{self.lab.address('client')}:7792", "--secrets",
+                                      secrets_dir, "--lease", str(length), "--log-file",
+                                      os.path.join(self.log_dir, "witness.log")],
+                           cwd=TOP, env=dict(os.environ, PYTHONPATH=TOP),
+                           stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        out.close()
+        self.witness_proc = p
+        self.pids.add(p.pid)
+        return p
+
+    def _witness_section(self) -> str:
+        w = self._config_args["witness"]
+        return self.lease_witness if w == "lease" else (w or self.default_witness)
+
+    @property
+    def lease_witness(self) -> str:
+        """The [witness] section for a lease witness run by start_witness()."""
+        return f'mode = "lease"\naddresses = ["{self.lab.address("client")}"]\nlength = 1.5'
+
     @property
     def default_witness(self) -> str:
         """The client's address stands for the router both nodes sit behind."""
@@ -184,7 +210,7 @@ class Cluster:
                 f'start_prim_timeout = {a["script_timeout"]}\n'
                 f'stop_prim_timeout = {a["script_timeout"]}\n\n'
                 f'[failover]\n{a["failover"]}\n\n{a["checkers"]}\n\n'
-                f'[witness]\n{a["witness"] or self.default_witness}\n{extra}\n')
+                f'[witness]\n{self._witness_section()}\n{extra}\n')
         with open(self.config_path, "w") as f:
             f.write(text)
         return self.config_path
