@@ -134,6 +134,7 @@ class Controller:
         self.peer: NodeStatus | None = None
         self.guard = NO_GUARD
         self._view: View | None = None
+        self._peer_was_alive = False
         self.peer_failover: bool | None = None
         self.command: _Pending | None = None
         self.running: str | None = None
@@ -160,7 +161,7 @@ class Controller:
         stalled = self.replicating and any(fa.stalled_for > self.stall_limit
                                            for fa in self.agents.folders)
         return {**self.status.to_dict(), "replicating": self.replicating,
-                "link_stalled": stalled}
+                "link_stalled": stalled, "hears_peer": self.heartbeats.peer_alive()}
 
     def wake(self) -> None:
         self._wake.set()
@@ -276,6 +277,9 @@ class Controller:
         alive = self.heartbeats.peer_alive()
         p = self.peer if alive else None
         self._follow_failover(p)
+        if alive and not self._peer_was_alive and self.status.state.is_primary:
+            self._reannounce()
+        self._peer_was_alive = alive
         if not self.agents.healthy() and not self._reviving:
             self._nursery.start_soon(self._revive)
         me = self._me()
@@ -380,8 +384,10 @@ class Controller:
             # Both present, nobody primary: the node the election picks once it holds the
             # lease asks for it (can_promote includes the guard, so nobody would be elected
             # before somebody holds the lease).
+            # A peer that does not hear this node (one-way loss) is taken as it says.
             winner, _ = elect(replace(self._view.me, can_promote=True),
-                              replace(p, can_promote=True), self.policy)
+                              replace(p, can_promote=p.can_promote or p.hears_peer),
+                              self.policy)
             return winner == self.node.name
         return False
 
@@ -693,6 +699,26 @@ class Controller:
             return
         if v.arp_count > 1:
             self._nursery.start_soon(self._announce_more, v.address, iface, v.arp_count - 1)
+
+    def _reannounce(self) -> None:
+        """The peer is heard again while this node is primary: a partition has healed, and
+        the client side may still point at the other node; say again where the VIP is."""
+        v = self.config.vip
+        if v is None or self._nursery is None:
+            return
+        log.info("the peer is heard again: announcing the virtual IP %s again", v.cidr)
+
+        async def again():
+            try:
+                iface = v.interface or await trio.to_thread.run_sync(vip.choose_interface,
+                                                                     v.cidr)
+                if await trio.to_thread.run_sync(vip.present, v.cidr, iface):
+                    await trio.to_thread.run_sync(vip.announce, v.address, iface,
+                                                  max(1, v.arp_count))
+            except vip.VipError as e:
+                log.warning("virtual IP %s: announcing again: %s", v.cidr, e)
+
+        self._nursery.start_soon(again)
 
     async def _announce_more(self, address: str, iface: str, count: int) -> None:
         await trio.sleep(ANNOUNCE_INTERVAL)

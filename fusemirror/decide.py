@@ -392,7 +392,9 @@ def _elect_and_act(view, policy, p) -> Decision:
         return _wait(view, why)
     if winner == p.name:
         return _stay(view, TRANSIENT, f"waiting for {p.name} to become primary: {why}", vote=vote)
-    if p.vote != winner:
+    if p.vote != winner and p.hears_peer:
+        # (A peer that does not hear this node cannot agree: it waits, or fences itself,
+        # as for a lost peer; its split-brain guard is what keeps it from promoting.)
         return _stay(view, TRANSIENT, f"elected because {why}; waiting for {p.name} to agree",
                      vote=vote)
     blocker = _blocker(view, policy) or (None if view.guard.ok else
@@ -695,6 +697,11 @@ def _in_alone(view, policy):
 
 def _in_prim(view, policy):
     p = _heard(view)
+    if p is not None and not p.hears_peer and p.state is not State.SECOND:
+        # It left the mirror because it cannot hear this node: it may be about to take
+        # over. Going on alone would acknowledge writes it will never have.
+        return _stay(view, NOT_READY, f"{p.name} does not hear this node (one-way loss): "
+                                      f"not going on alone; writes wait")
     if p is None or p.state is not State.SECOND:
         because = (view.guard.reason if view.guard.ok
                    else f"primforce overrides the split-brain guard ({view.guard.reason})")

@@ -94,6 +94,8 @@ class NodeStatus:
     vote: str = ""                 # the node this one elects, when neither is primary
     replicating: bool = False      # a primary whose agents apply every change on the peer
     link_stalled: bool = False     # ... but the peer has stopped acknowledging them
+    hears_peer: bool = True        # this node hears its peer now (False: a one-way loss
+                                   # when the peer hears it)
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (enums as their string values)."""

@@ -147,6 +147,8 @@ def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(
     me = c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
     assert "out of date" in me["reason"]
     c.wait_state("beta", "PRIM", timeout=20)
+    with open(c.daemon_log("beta")) as f:
+        assert "the peer is heard again: announcing the virtual IP" in f.read()
     full = c.state("beta")
     assert full["guard"]["ok"] and full["guard"]["mode"] == "ping"
     assert "split-brain guard (ping): ok" in c.command("beta", "state", check=False).stdout
@@ -636,3 +638,29 @@ def test_lease_mode_without_the_witness_keeps_the_primary_but_nobody_takes_over(
             break
         time.sleep(0.1)
     assert me["state"] == "WAIT" and "lease witness unreachable" in me["reason"], me
+
+
+@pytest.mark.parametrize("direction, guard", [("in", "ping"), ("out", "ping"),
+                                              ("in", "lease"), ("out", "lease")])
+def test_one_way_loss_at_the_primary_ends_with_one_primary(cluster, direction, guard):
+    c = cluster(witness="lease" if guard == "lease" else None)
+    if guard == "lease":
+        c.start_witness()
+    _pair(c)
+    writer, log = c.client(duration=8)
+    time.sleep(1.5)
+    c.lab.drop("alpha", direction)
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        states = {n: c.state(n)["me"] for n in ("alpha", "beta")}
+        if states["beta"]["state"] in ("ALONE", "PRIM") and not states["beta"]["busy"] \
+                and states["alpha"]["state"] not in ("ALONE", "PRIM"):
+            break
+        time.sleep(0.1)
+    assert states["beta"]["state"] in ("ALONE", "PRIM"), states
+    assert states["alpha"]["state"] not in ("ALONE", "PRIM"), states
+    assert not states["alpha"]["diverged"], states
+    assert writer.wait(timeout=30) == 0
+    c.lab.undrop("alpha")
+    acked, lost = _lost(c, log)
+    assert acked and not lost

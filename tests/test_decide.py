@@ -173,6 +173,15 @@ CASES = [
          Action.PROMOTE, ALONE, READY,
          "promoted self to ALONE because both nodes have the same data and alpha was primary "
          "last (defaultprim lastprim)"),
+    case("prim: the SECOND left because it does not hear this node -> no going alone",
+         view(me(PRIM, epoch=6, last_primary=A), peer(WAIT, epoch=6, hears_peer=False)),
+         Action.NOTHING, PRIM, NOT_READY,
+         "beta does not hear this node (one-way loss): not going on alone; writes wait"),
+    case("both present, elected, the peer does not hear this node (one-way loss)",
+         view(me(WAIT), peer(WAIT, hears_peer=False, can_promote=False)),
+         Action.PROMOTE, ALONE, READY,
+         "promoted self to ALONE because both nodes have the same data and alpha was primary "
+         "last (defaultprim lastprim)"),
     case("both start, elected but the peer has not agreed yet",
          view(me(WAIT), peer(WAIT)),
          Action.NOTHING, WAIT, TRANSIENT,

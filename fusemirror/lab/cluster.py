@@ -378,8 +378,12 @@ class Cluster:
         """The ids of every record the application through the VIP holds now."""
         ids, after = set(), 0
         while True:
-            p = self.lab.run("client", [sys.executable, "-c", _FETCH, self.url, str(after)],
-                             timeout=30)
+            for attempt in range(5):           # the VIP may be moving: a few tries
+                p = self.lab.run("client", [sys.executable, "-c", _FETCH, self.url,
+                                            str(after)], timeout=30, check=attempt == 4)
+                if p.returncode == 0:
+                    break
+                time.sleep(0.5)
             batch = json.loads(p.stdout)
             if not batch:
                 return ids
