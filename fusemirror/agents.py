@@ -208,16 +208,21 @@ class Agents:
 
     async def start_all(self) -> None:
         """Adopt or start every folder's agent (replica role). Raises X.Failure for a
-        folder that cannot be mounted; agents already started stay (they are
-        read-only replicas, and the next controller adopts them)."""
+        folder that cannot be mounted, after unmounting the ones started here: nothing
+        is left half-started (adopted agents stay as they were)."""
         await self.poll()
-        for fa in self.folders:
-            if fa.status is not None:
-                fa.adopted = True
-                log.info("adopted the agent of %s (pid %s, role %s)", fa.mountpoint,
-                         fa.status.get("pid"), fa.role)
-                continue
-            await self.start(fa)
+        try:
+            for fa in self.folders:
+                if fa.status is not None:
+                    fa.adopted = True
+                    log.info("adopted the agent of %s (pid %s, role %s)", fa.mountpoint,
+                             fa.status.get("pid"), fa.role)
+                    continue
+                await self.start(fa)
+        except X.Failure:
+            with trio.CancelScope(shield=True):
+                await self.stop_started()
+            raise
 
     async def revive(self) -> None:
         """Start again the agents that are gone (not those that are merely slow)."""

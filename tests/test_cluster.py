@@ -408,6 +408,18 @@ def test_bad_input_gives_one_line_and_starts_nothing(cluster, scratch):
         holder.kill()
         holder.wait()
 
+    # a second folder that does not exist: the first one is not left mounted
+    two = os.path.join(scratch, "two.toml")
+    with open(c.write_config(extra='\n[[folder]]\npath = "/srv/missing"\nport = 7789\n')) as f:
+        text = f.read()
+    with open(two, "w") as f:
+        f.write(text)
+    c.write_config()
+    p = _daemon(c, "alpha", config=two)
+    assert p.returncode == 4 and "missing" in p.stderr, p.stderr
+    with open("/proc/self/mountinfo") as f:
+        assert os.path.realpath(c.folder("alpha")) not in f.read()
+
     # a second controller for the same module and node
     c.start("alpha")
     p = _daemon(c, "alpha")
