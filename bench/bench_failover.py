@@ -240,11 +240,13 @@ SCENARIOS: dict[str, tuple[str, Callable[[Cluster], tuple[float, float, dict]]]]
 }
 
 
-def run_once(scenario: str, scratch: str) -> dict:
+def run_once(scenario: str, scratch: str, guard: str = "ping") -> dict:
     """One run in a fresh cluster: its figures, or the reason it failed."""
     os.makedirs(scratch)
     try:
-        with Cluster(scratch) as c:
+        with Cluster(scratch, witness="lease" if guard == "lease" else None) as c:
+            if guard == "lease":
+                c.start_witness()
             log.info("%s: lab %s, module %s", scenario, c.lab.prefix, c.module)
             return {"figures": measure(c, SCENARIOS[scenario][1]), "error": None}
     except Exception as e:           # any failure ends this run only; the next one goes on
@@ -374,7 +376,9 @@ def report(result: dict) -> str:
              f"heartbeat interval {cfg['heartbeat_interval_s']:g} s, timeout "
              f"{cfg['heartbeat_timeout_s']:g} s (defaults); client: one POST every "
              f"{CLIENT_INTERVAL_S:g} s through the VIP, {CLIENT_TIMEOUT_S:g} s time limit "
-             f"per request",
+             f"per request; split-brain guard: {cfg.get('guard', 'ping')}"
+             + (" (lease of 1.5 s from a witness in the client namespace)"
+                if cfg.get("guard") == "lease" else " (the client's address)"),
              f"machine: {cfg['cpus']} CPUs ({cfg['cpu_model']}), kernel {cfg['kernel']}, "
              f"Python {cfg['python']}", ""]
     for n, (scenario, res) in enumerate(result["scenarios"].items(), 1):
@@ -422,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=5, help="runs per scenario (default 5)")
     p.add_argument("--json", metavar="FILE", help="write every figure of every run to FILE")
+    p.add_argument("--guard", choices=("ping", "lease"), default="ping",
+                   help="the split-brain guard: ping (the client's address stands for the "
+                        "router) or lease (fusemirror witness in the client namespace)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     if args.runs < 1:
@@ -433,13 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     scratch = tempfile.mkdtemp(prefix="fusemirror-failover.", dir="/var/tmp")
-    result = {"config": environment(args.runs), "scenarios": {}}
+    result = {"config": {**environment(args.runs), "guard": args.guard}, "scenarios": {}}
     try:
         for scenario in SCENARIOS:
             runs = []
             for n in range(1, args.runs + 1):
                 log.info("%s: run %d/%d", scenario, n, args.runs)
-                runs.append(run_once(scenario, os.path.join(scratch, f"{scenario}-{n}")))
+                runs.append(run_once(scenario, os.path.join(scratch, f"{scenario}-{n}"),
+                                     args.guard))
             result["scenarios"][scenario] = {"runs": runs, "summary": summarize(runs)}
     except KeyboardInterrupt:
         log.error("interrupted; everything started was stopped")
