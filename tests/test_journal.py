@@ -1,0 +1,115 @@
+"""The change journal (fusemirror.journal): marks are durable when mark_* returns, repeated
+marks cost nothing, concurrent new marks share one fdatasync, and a damaged journal never
+makes the next reintegration miss a change (a torn tail is cut, a bad header means all)."""
+
+import os
+import subprocess
+import sys
+
+import trio
+
+from fusemirror import journal as J
+
+MiB = 1 << 20
+
+
+async def test_marks_survive_a_reopen(tmp_path):
+    path = str(tmp_path / "j")
+    j = J.Journal(path)
+    await j.mark_data(7, 0, 10)
+    await j.mark_data(7, 3 * MiB - 1, 2)          # spans chunks 2 and 3
+    await j.mark_node(9)
+    j.close()
+    dirty = J.read(path)
+    assert dirty.chunks == {7: {0, 2, 3}} and dirty.nodes == {9} and not dirty.everything
+    again = J.Journal(path)
+    assert again.dirty == dirty
+    await again.mark_data(8, 5 * MiB, 1)
+    again.close()
+    assert J.read(path).chunks == {7: {0, 2, 3}, 8: {5}}
+
+
+async def test_a_known_mark_writes_nothing(tmp_path):
+    j = J.Journal(str(tmp_path / "j"))
+    await j.mark_data(1, 0, MiB)
+    size, syncs = os.path.getsize(j.path), j.syncs
+    for off in range(0, MiB, 4096):
+        await j.mark_data(1, off, 4096)
+    await j.mark_node(2)
+    await j.mark_node(2)
+    assert j.syncs == syncs + 1 and os.path.getsize(j.path) == size + J.RECORD
+
+
+async def test_concurrent_new_marks_share_fdatasyncs(tmp_path):
+    j = J.Journal(str(tmp_path / "j"))
+    async with trio.open_nursery() as nursery:
+        for ino in range(200):
+            nursery.start_soon(j.mark_data, ino, 0, 1)
+    assert j.syncs < 50
+    j.close()
+    assert set(J.read(j.path).chunks) == set(range(200))
+
+
+def test_a_mark_is_on_disk_when_the_call_returns(tmp_path):
+    """kill -9 right after the mark returned: the record is there."""
+    path = str(tmp_path / "j")
+    code = ("import os, sys, trio\n"
+            "from fusemirror import journal as J\n"
+            "async def main():\n"
+            "    j = J.Journal(sys.argv[1])\n"
+            "    await j.mark_data(42, 3 * 1048576, 1)\n"
+            "    os.kill(os.getpid(), 9)\n"
+            "trio.run(main)\n")
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code, path], cwd=top,
+                       env=dict(os.environ, PYTHONPATH=top), timeout=60)
+    assert p.returncode == -9
+    assert J.read(path).chunks == {42: {3}}
+
+
+async def test_a_torn_tail_is_cut_and_what_precedes_it_kept(tmp_path):
+    path = str(tmp_path / "j")
+    j = J.Journal(path)
+    await j.mark_data(1, 0, 1)
+    await j.mark_data(2, 0, 1)
+    j.close()
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff\xff")       # the last record damaged
+        f.seek(0, os.SEEK_END)
+        f.write(b"half")                        # and a partial one after it
+    assert J.read(path).chunks == {1: {0}}
+    j = J.Journal(path)
+    await j.mark_node(3)
+    j.close()
+    dirty = J.read(path)
+    assert dirty.chunks == {1: {0}} and dirty.nodes == {3}
+
+
+async def test_a_damaged_header_or_another_chunk_size_means_everything(tmp_path):
+    path = str(tmp_path / "j")
+    j = J.Journal(path)
+    await j.mark_data(1, 0, 1)
+    j.close()
+    assert J.read(path, chunk_size=2 * MiB).everything
+    with open(path, "r+b") as f:
+        f.write(b"XXXX")
+    assert J.read(path).everything
+    j = J.Journal(path)                         # reopened: it keeps saying everything
+    assert j.dirty.everything
+    await j.mark_data(5, 0, 1)
+    j.close()
+    assert J.read(path).everything
+
+
+async def test_clear_forgets_durably(tmp_path):
+    path = str(tmp_path / "j")
+    j = J.Journal(path)
+    await j.mark_everything()
+    assert J.read(path).everything
+    j.clear()
+    assert not J.read(path)
+    await j.mark_node(4)
+    j.close()
+    assert J.read(path).nodes == {4}
+    assert not J.read(str(tmp_path / "none"))
