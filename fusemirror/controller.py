@@ -28,8 +28,8 @@ from . import errors as X
 from .agent import read_secret
 from .agents import ALONE, PRIMARY, REPLICA, Agents
 from .checkers import CheckerSet, RestartGuard
-from .decide import (Action, Command, Decision, Guard, Policy, View, decide, elect, local_blocker,
-                     published)
+from .decide import (Action, Command, Decision, Guard, Policy, ScriptFailure, View, decide,
+                     elect, local_blocker, published)
 from .heartbeat import Heartbeats
 from .report import metrics_page, state_report
 from .states import NodeStatus, Readiness, State
@@ -293,7 +293,19 @@ class Controller:
         # When the peer fell silent, the witness must have answered *later* than the
         # next heartbeat was due: an answer from just before a cut proves nothing.
         heard = (now - min(ages) + self.config.heartbeat.interval) if ages else None
-        if self.lease is not None:
+        if (self.lease is not None and not self.lease.held() and self.replicating and alive
+                and not self.lease.unanswered):
+            # Every change waits for the peer's acknowledgement: nothing is acknowledged
+            # alone, so the lease is not needed yet (it is asked for meanwhile).
+            guard = Guard(True, f"replicating to {self.peer_node.name}")
+        elif (self.lease is not None and not self.lease.held()
+                and not self.status.state.is_primary
+                and (alive or (self.peer is None and now - self._started_at < START_WAIT))):
+            # Both nodes are here: the lease goes with the role (the PRIM releases it when
+            # it hands over; the new primary asks for it at its new epoch). What a node may
+            # acknowledge alone is bounded by the agents' deadline, not by this.
+            guard = Guard(True, "the peer is present (the lease goes with the role)")
+        elif self.lease is not None:
             guard = self.lease.verdict()
             if guard.ok and not alive and heard is not None and (
                     self.lease.answered is None or self.lease.answered <= heard):
@@ -393,9 +405,15 @@ class Controller:
 
     async def _keep_lease(self) -> None:
         every = self.config.witness.renew
+        backoff_until = 0.0
         while True:
-            if self._wants_lease():
+            if self._wants_lease() and trio.current_time() >= backoff_until:
                 grant = await self.lease.acquire(self.store.get("epoch"))
+                if grant is None and not self.lease.held():
+                    # Unanswered and not holding it: maybe only the answers are lost (a
+                    # one-way loss), and every request extends this node's lease at the
+                    # witness. Stay silent for a lease's length so it can expire there.
+                    backoff_until = trio.current_time() + self.config.witness.length
                 if grant is not None and not grant.granted and self.status.state.is_primary:
                     log.warning("lease: %s", grant.describe())
                 self.wake()
@@ -483,8 +501,13 @@ class Controller:
             if any(fa.role != PRIMARY for fa in folders):
                 self._start_transition("agents to primary", self._connect_agents())
             elif state is State.ALONE and any(fa.link != "connected" for fa in folders):
+                log.warning("the replication link to %s is %s before it joined: going on "
+                            "alone", p.name, [fa.link for fa in folders])
                 self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
         elif any(fa.role != ALONE for fa in folders):
+            if self.replicating:
+                log.warning("%s is no longer heard as WAIT or SECOND: going on alone",
+                            self.peer_node.name)
             self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
 
     def _start_transition(self, name: str, coro) -> None:
@@ -577,15 +600,25 @@ class Controller:
         epoch = self.store.get("epoch")
         log.info("promotion 1/4: epoch %d persisted", epoch)
         self.replicating = False
+        self.script_failure = None        # this attempt's own outcome decides from here
         if self.lease is not None and not self._same_data(view.me, p):
             grant = await self.lease.acquire(epoch)
             if grant is None or not grant.granted:
-                log.error("promotion aborted: the witness did not grant the lease at epoch "
-                          "%d (%s)", epoch, grant.describe() if grant else "no answer")
+                why = (f"the witness did not grant the lease at epoch {epoch}: "
+                       f"{grant.describe() if grant else 'no answer'}")
+                log.error("promotion aborted: %s", why)
+                self.script_failure = ScriptFailure("promotion", detail=why)
+                # Nothing was written at the new epoch: keep the history as it was, so
+                # that the peer's copy still counts as the same data.
+                await self._persist(epoch=view.me.epoch, last_primary=view.me.last_primary)
                 return
             await self._push_deadline_now(self.lease.valid_until_monotonic)
         if self._same_data(view.me, p):
             await self._connect_agents()
+        elif p is not None:
+            log.info("promotion: not replicating to %s (%s %s, busy %s, uptodate %s, epoch %d "
+                     "by %r; here epoch %d by %r)", p.name, p.state, p.readiness, p.busy,
+                     p.uptodate, p.epoch, p.last_primary, view.me.epoch, view.me.last_primary)
         if not self.replicating:
             await self._agents_to(ALONE, lost=True)
         log.info("promotion 2/4: agents %s", f"primary, replicating to {p.name}"

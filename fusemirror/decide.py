@@ -436,7 +436,8 @@ def _transition_running(view, policy) -> Decision | None:
 
 def _failed_start(view, policy) -> Decision | None:
     f = view.script_failure
-    if not view.me.state.is_primary or f is None or f.script != "start_prim":
+    if not view.me.state.is_primary or f is None or f.script not in ("start_prim",
+                                                                      "promotion"):
         return None
     return _to(view, Action.DEMOTE, State.WAIT, NOT_READY,
                f"{_failure_phrase(f)}; the transition was aborted")

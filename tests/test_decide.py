@@ -173,6 +173,16 @@ CASES = [
          Action.PROMOTE, ALONE, READY,
          "promoted self to ALONE because both nodes have the same data and alpha was primary "
          "last (defaultprim lastprim)"),
+    case("alone: a promotion that could not get the lease is aborted",
+         view(me(ALONE, epoch=6, last_primary=A),
+              script_failure=ScriptFailure("promotion", detail="no lease at epoch 6")),
+         Action.DEMOTE, WAIT, NOT_READY,
+         "promotion failed (no lease at epoch 6); the transition was aborted"),
+    case("wait: a failed promotion does not block the next attempt",
+         view(me(WAIT), script_failure=ScriptFailure("promotion", detail="no lease")),
+         Action.PROMOTE, ALONE, READY,
+         "promoted self to ALONE because the peer is absent, this node is up to date and "
+         "the witness granted the lease"),
     case("prim: the SECOND left because it does not hear this node -> no going alone",
          view(me(PRIM, epoch=6, last_primary=A), peer(WAIT, epoch=6, hears_peer=False)),
          Action.NOTHING, PRIM, NOT_READY,
