@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +344,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def open_target(name: str, home: Path, cli: list[str]) -> Iterator[Target]:
-    """Set up target `name` under `home`; tear it down (primary before replica) on exit."""
+def open_target(name: str, home: Path, cli: list[str],
+                peer_route: Callable[[str], str] | None = None) -> Iterator[Target]:
+    """Set up target `name` under `home`; tear it down (primary before replica) on exit.
+
+    For the pair, `peer_route` maps the replica's listen address to the address the primary
+    is given as its peer (a proxy in between); by default the primary connects directly.
+    """
     home.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
         if name == "local":
@@ -375,7 +380,9 @@ def open_target(name: str, home: Path, cli: list[str]) -> Iterator[Target]:
         secret.chmod(0o600)
         peer = f"{LOOPBACK}:{free_port()}"
         replica = start("replica", "replica", "--listen", peer, "--secret-file", str(secret))
-        primary = start("primary", "primary", "--peer", peer, "--secret-file", str(secret))
+        primary_peer = peer_route(peer) if peer_route else peer
+        primary = start("primary", "primary", "--peer", primary_peer,
+                        "--secret-file", str(secret))
         yield Target(name, primary.dir, mounts, replica_dir=replica.dir)
 
 
