@@ -213,6 +213,16 @@ def role(directory, role, peer, listen):
 
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
+def resync(directory):
+    """Compare the replica's copy of DIRECTORY with this primary's and fix every
+    difference, online (the application keeps writing). Progress: fusemirror status."""
+    path = resolve(directory)
+    ask(path, {"cmd": "resync"})
+    click.echo(f"{path}: resynchronisation started")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--timeout", type=float, default=30.0, show_default=True)
 def umount(directory, timeout):
     """Finish in-flight replication, then unmount DIRECTORY."""

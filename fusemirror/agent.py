@@ -25,6 +25,7 @@ from . import protocol as P
 from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
 from .mirror import Mirror, PeerError, PeerUnreachable, Policy
 from .replica import ReplicaServer
+from .resync import CHUNK, Resync, ResyncFailed
 from .statefile import DEFAULT_DIR, StateFile
 from .tree import Tree
 from .wire import HandshakeRefused
@@ -46,6 +47,8 @@ class Options:
     cache_timeout: float = 10.0
     compress: bool = True
     versions: tuple[int, int] = (P.PROTOCOL_MIN, P.PROTOCOL_MAX)
+    resync_chunk: int = CHUNK             # bytes per compared chunk
+    resync_rate: int = 0                  # bytes per second of resynchronised data; 0: no cap
 
 
 def _quietly(fn, *args) -> None:
@@ -135,6 +138,9 @@ class Agent:
         self._lock = trio.Lock()
         self._role_scope: trio.CancelScope | None = None
         self._mounted = False
+        self.resync: Resync | None = None          # the running or last resynchronisation
+        self.resync_error: str | None = None
+        self._resync_scope: trio.CancelScope | None = None
 
     # --- roles -----------------------------------------------------------------
     def _new_mirror(self, peer) -> Mirror:
@@ -176,12 +182,61 @@ class Agent:
 
     async def _adopt_primary(self, mirror: Mirror) -> None:
         await self._stop_replica()
+        await self._stop_resync()
         old, self.mirror = self.mirror, mirror
         if old is not None:
             await old.close()
         await self._nursery.start(mirror.run)      # its reader must run before any wait
         await self._reopen_files(mirror)
         self.fs.set_role(PRIMARY, mirror)
+        self._maybe_resync(mirror)
+
+    # --- resynchronisation -------------------------------------------------------------
+    def _maybe_resync(self, mirror: Mirror) -> None:
+        """An out-of-date peer that speaks resynchronisation is brought up to date at once,
+        in the background."""
+        if not self.state.get("peer_outdated") or mirror.version < 2 \
+                or mirror.link.value not in ("outdated", "connected"):
+            return
+        self._resync_scope = scope = trio.CancelScope()
+        self._nursery.start_soon(self._resync, mirror, scope)
+
+    async def _resync(self, mirror: Mirror, scope: trio.CancelScope) -> None:
+        with scope:
+            r = self.resync = Resync(self.fs, mirror, chunk=self.o.resync_chunk,
+                                     rate=self.o.resync_rate)
+            self.resync_error = None
+            try:
+                await r.run()
+            except (ResyncFailed, PeerError, OSError) as e:
+                r.progress["state"] = "failed"
+                self.resync_error = str(e)
+                log.error("resynchronisation of %s:%s failed: %s; the peer stays out of date",
+                          *mirror.peer, e)
+
+    async def _stop_resync(self) -> None:
+        if self._resync_scope is not None:
+            self._resync_scope.cancel()
+            self._resync_scope = None
+            await trio.sleep(0)             # let it release its locks and end the RESYNC link
+
+    async def start_resync(self) -> None:
+        """The admin's `resync`: the peer's copy is compared and fixed all over again."""
+        m = self.mirror
+        if self.fs.role != PRIMARY or m is None:
+            raise X.Failure(X.FAILED, f"resync runs on the primary; this mount is {self.fs.role}")
+        if m.link.value == "resync":
+            raise X.Failure(X.FAILED, "a resynchronisation is already running")
+        if m.version < 2:
+            raise X.Failure(X.REFUSED, "the peer's protocol version has no resynchronisation")
+        if m.link.value == "connected":
+            # Marked first: if this node dies during the resync, the peer's copy is not
+            # trusted. The link stays connected (writes replicated) until the resync starts.
+            await trio.to_thread.run_sync(self.state.mark_peer_outdated,
+                                          "a resynchronisation was asked for")
+        if m.link.value not in ("outdated", "connected"):
+            raise X.Failure(X.PEER_UNREACHABLE, f"the link to the peer is {m.link.value}")
+        self._maybe_resync(m)
 
     async def _reopen_files(self, mirror: Mirror) -> None:
         """Files already open for writing (in another role) get their handle on the peer."""
@@ -214,6 +269,7 @@ class Agent:
         await self._nursery.start(replica.run)
 
     async def _stop_mirror(self, drain: bool = True) -> None:
+        await self._stop_resync()
         if self.mirror is not None:
             mirror, self.mirror = self.mirror, None
             await mirror.close(drain)
@@ -257,7 +313,7 @@ class Agent:
                         await self.mirror.drain()
                 if role == PRIMARY:
                     if not (old == PRIMARY and peer == self.o.peer and self.mirror is not None
-                            and self.mirror.link.value == "connected"):
+                            and self.mirror.link.value in ("connected", "resync")):
                         await self._switch_to_primary(peer)
                 elif role == REPLICA:
                     if old == REPLICA and listen == self.o.listen:
@@ -324,6 +380,9 @@ class Agent:
             if cmd == "drain":
                 await self.drain()
                 return {"ok": True}
+            if cmd == "resync":
+                await self.start_resync()
+                return {"ok": True}
         except X.Failure as e:
             return {"ok": False, "error": str(e), "code": e.code}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
@@ -350,6 +409,8 @@ class Agent:
                 "open_files": len(self.fs._files),
                 "write_deadline": self.fs.write_deadline,
                 "mirror": self.mirror.status() if self.mirror else None,
+                "resync": (dict(self.resync.status(), error=self.resync_error)
+                           if self.resync else None),
                 "replica": self.replica.status() if self.replica else None,
                 "state": dict(self.state.data)}
 

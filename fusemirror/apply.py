@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 
 from . import protocol as P
@@ -212,6 +213,31 @@ class Applier:
         if replaced is not None:
             inval.append(("attr", replaced))
         return inval
+
+    def _put(self, m):
+        fd = sysops.open_beneath(self.root_fd, m.path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            view = memoryview(m.data)
+            off = m.offset
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+            return [("data", os.fstat(fd).st_ino)]
+        finally:
+            os.close(fd)
+
+    def _remove(self, m):
+        parent, _, name = m.path.rpartition(b"/")
+        dfd = self._dir(parent or b".")
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=dfd)
+            else:
+                os.unlink(name, dir_fd=dfd)
+            return [("entry", os.fstat(dfd).st_ino, name), ("attr", st.st_ino)]
+        finally:
+            os.close(dfd)
 
     def _setxattr(self, m):
         return self._on_node(m.path, lambda p: os.setxattr(p, m.name, m.value))

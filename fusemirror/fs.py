@@ -16,6 +16,7 @@ and xattr changes are applied here first, then replicated with their results.
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 import functools
 import logging
@@ -30,7 +31,7 @@ from pyfuse3 import FUSEError
 from . import protocol as P
 from . import sysops
 from .apply import apply_setattr
-from .mirror import Mirror, PeerError
+from .mirror import TOUCHED, Mirror, PeerError
 from .statefile import StateFile
 from .tree import O_PATH_FLAGS, NoName, NoSuchInode, Tree, make_node, owner_for
 
@@ -132,6 +133,55 @@ def _masked(dfd: int, mode: int, ctx) -> int:
     return mode & ~ctx.umask
 
 
+class _Items:
+    """`async with fs._items(ino, ...)` around a change of those items (a file's data or
+    attributes, a directory's entries). While a resynchronisation runs, it holds their
+    resync locks, so that the resync's reading of an item here and sending it are never
+    interleaved with a change of the item: in the replication stream, each item's
+    changes are in the order they were applied here. Otherwise it only counts the
+    change, so that a resync starts once the changes begun without locks are done."""
+
+    __slots__ = ("fs", "inos", "touch", "locks", "token")
+
+    def __init__(self, fs, inos: tuple, touch: tuple = ()):
+        self.fs, self.inos, self.touch = fs, inos, touch
+        self.locks = self.token = None
+
+    async def __aenter__(self):
+        fs = self.fs
+        r = fs.resync
+        if r is None:
+            fs._unlocked += 1
+            return
+        locks = [r.lock(i) for i in sorted(set(self.inos))]
+        taken = []
+        try:
+            for lock in locks:
+                await lock.acquire()
+                taken.append(lock)
+        except BaseException:
+            for lock in taken:
+                lock.release()
+            raise
+        self.locks = taken
+        r.touched(self.inos + self.touch)
+        self.token = TOUCHED.set(self.inos + self.touch)
+
+    async def __aexit__(self, *exc):
+        fs = self.fs
+        if self.locks is None:
+            fs._unlocked -= 1
+            if not fs._unlocked:
+                fs._quiet.set()
+            return
+        TOUCHED.reset(self.token)
+        for lock in self.locks:
+            lock.release()
+
+
+_NOTHING = contextlib.nullcontext()
+
+
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs in the backing
@@ -157,6 +207,23 @@ class MirrorFS(pyfuse3.Operations):
         # when this node acts without its peer); None: no limit.
         self.write_deadline: float | None = None
         self._deadline_moved = trio.Event()
+        self.resync = None          # the Resync running, if any (see _Items)
+        self._unlocked = 0          # changes in progress that took no resync lock
+        self._quiet = trio.Event()
+
+    def _items(self, *inos, touch=()) -> _Items:
+        return _Items(self, inos, touch)
+
+    async def start_resync(self, resync) -> None:
+        """From now on changes take resync's item locks; returns once no change that
+        started without them is still in progress."""
+        self.resync = resync
+        while self._unlocked:
+            self._quiet = trio.Event()
+            await self._quiet.wait()
+
+    def stop_resync(self) -> None:
+        self.resync = None
 
     # --- role ----------------------------------------------------------------
     def set_role(self, role: str, mirror: Mirror | None) -> None:
@@ -373,51 +440,53 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def open(self, ino, flags, ctx):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        replicate = await self._may_change() if writable else False
-        path = self._name_of(ino) if writable else None     # before O_TRUNC acts here
-        if path is None:
-            replicate = False     # read only, or an unlinked file: not part of the tree
-        fd = self.tree.open_file(ino, flags)
-        fh = self._new_fh()
-        try:
-            if writable and path is not None:
-                st = os.fstat(fd)
-                await self._replicate(replicate, K.OPEN, dict(
-                    handle=fh, flags=flags, mtime=st.st_mtime_ns, path=self._at(ino)), path)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._files[fh] = _File(fd, ino, writable, replicate and self._linked())
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        async with self._items(ino) if writable else _NOTHING:
+            replicate = await self._may_change() if writable else False
+            path = self._name_of(ino) if writable else None     # before O_TRUNC acts here
+            if path is None:
+                replicate = False     # read only, or an unlinked file: not part of the tree
+            fd = self.tree.open_file(ino, flags)
+            fh = self._new_fh()
+            try:
+                if writable and path is not None:
+                    st = os.fstat(fd)
+                    await self._replicate(replicate, K.OPEN, dict(
+                        handle=fh, flags=flags, mtime=st.st_mtime_ns, path=self._at(ino)), path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._files[fh] = _File(fd, ino, writable, replicate and self._linked())
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def _linked(self) -> bool:
-        return self.mirror is not None and self.mirror.link.value == "connected"
+        return self.mirror is not None and self.mirror.link.value in ("connected", "resync")
 
     @_answer
     async def create(self, parent, name, mode, flags, ctx):
-        replicate = await self._may_change()
-        dfd = self.tree.fd(parent)
-        self.tree.path(parent)                                   # nameable, or fail now
-        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, _masked(dfd, mode, ctx))
-        fh, now = self._new_fh(), time.time_ns()
+        async with self._items(parent):
+            replicate = await self._may_change()
+            dfd = self.tree.fd(parent)
+            self.tree.path(parent)                                   # nameable, or fail now
+            uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, _masked(dfd, mode, ctx))
+            fh, now = self._new_fh(), time.time_ns()
 
-        def local():
-            fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
-            sysops.set_times(fd, None, now)
-            sysops.set_times(dfd, None, now)
-            return fd
-        fd = await self._both(replicate, K.CREATE, dict(
-            handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
-            parent=self._at(parent), name=name), self._under(parent, name), local,
-            undo=self._undo_new(K.UNLINK, dfd, parent, name, fh))
-        try:
-            st = os.fstat(fd)
-            ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._files[fh] = _File(fd, ino, True, replicate and self._linked())
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
+            def local():
+                fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
+                sysops.set_times(fd, None, now)
+                sysops.set_times(dfd, None, now)
+                return fd
+            fd = await self._both(replicate, K.CREATE, dict(
+                handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
+                parent=self._at(parent), name=name), self._under(parent, name), local,
+                undo=self._undo_new(K.UNLINK, dfd, parent, name, fh))
+            try:
+                st = os.fstat(fd)
+                ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._files[fh] = _File(fd, ino, True, replicate and self._linked())
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
 
     def _undo_new(self, kind: K, dfd: int, parent: int, name: bytes, fh: int = 0):
         """Operations that remove from the peer a node we failed to create here."""
@@ -431,31 +500,32 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def write(self, fh, off, buf):
         f = self._files[fh]
-        replicate = await self._may_change()
-        mtime = time.time_ns()
-        p = None
-        local = _LocalWrite(f.fd, buf, off, mtime)
-        if replicate and f.replicated:
-            fields = dict(handle=fh, offset=off, mtime=mtime, data=buf)
-            if len(buf) >= THREADED_WRITE:
-                # Large writes: the local write runs in a thread while the frame is sent.
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(local.run_in_thread)
+        async with self._items(f.ino):
+            replicate = await self._may_change()
+            mtime = time.time_ns()
+            p = None
+            local = _LocalWrite(f.fd, buf, off, mtime)
+            if replicate and f.replicated:
+                fields = dict(handle=fh, offset=off, mtime=mtime, data=buf)
+                if len(buf) >= THREADED_WRITE:
+                    # Large writes: the local write runs in a thread while the frame is sent.
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(local.run_in_thread)
+                        p = await self.mirror.begin(K.WRITE, fields, compress=self.compress)
+                else:
                     p = await self.mirror.begin(K.WRITE, fields, compress=self.compress)
+                    local.run()
             else:
-                p = await self.mirror.begin(K.WRITE, fields, compress=self.compress)
+                if f.replicated:
+                    f.replicated = False        # from now on this file changes without the peer
+                    self._alone_change("WRITE", self._path_or_empty(f.ino))
                 local.run()
-        else:
-            if f.replicated:
-                f.replicated = False        # from now on this file changes without the peer
-                self._alone_change("WRITE", self._path_or_empty(f.ino))
-            local.run()
-        await self._finish(p)
-        if local.error is not None or local.written < len(buf):
-            await self._repair(f, fh, off, len(buf))
-        if local.error is not None:
-            raise local.error
-        return local.written
+            await self._finish(p)
+            if local.error is not None or local.written < len(buf):
+                await self._repair(f, fh, off, len(buf))
+            if local.error is not None:
+                raise local.error
+            return local.written
 
     async def _finish(self, p) -> bool:
         """Wait for the peer's outcome; True if it applied the change."""
@@ -523,40 +593,41 @@ class MirrorFS(pyfuse3.Operations):
     # --- changing attributes -------------------------------------------------
     @_answer
     async def setattr(self, ino, attr, fields, fh, ctx):
-        replicate = await self._may_change()
-        fd = self.tree.fd(ino)
-        st = os.fstat(fd)
-        mask = 0
-        if fields.update_size:
-            mask |= P.ATTR_SIZE
-        if fields.update_mode:
-            mask |= P.ATTR_MODE
-        if fields.update_uid:
-            mask |= P.ATTR_UID
-        if fields.update_gid:
-            mask |= P.ATTR_GID
-        if fields.update_atime:
-            mask |= P.ATTR_ATIME
-        mtime = attr.st_mtime_ns
-        if fields.update_mtime:
-            mask |= P.ATTR_MTIME
-        elif mask & P.ATTR_SIZE:
-            mask |= P.ATTR_MTIME           # truncation moves mtime: same value on both nodes
-            mtime = time.time_ns()
-        f = self._files.get(fh) if fh is not None else None
-        values = dict(mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
-                      atime=attr.st_atime_ns, mtime=mtime)
-        # Name the inode on the wire by a handle the peer has open (fchmod comes without
-        # one: any of the inode's will do), else by path, found before changing anything.
-        handle = fh if f is not None and f.replicated and f.writable else self._handle_of(ino)
-        path = b"" if handle else self._name_of(ino)
-        apply_setattr(fd, mask, writable=f.fd if f is not None and f.writable else None,
-                      is_symlink=stat.S_ISLNK(st.st_mode), **values)
-        if handle or path is not None:
-            await self._replicate(replicate, K.SETATTR, dict(
-                handle=handle, mask=mask, path=b"" if handle else self._at(ino), **values),
-                path or b"")
-        return self._attr(ino, os.fstat(fd))
+        async with self._items(ino):
+            replicate = await self._may_change()
+            fd = self.tree.fd(ino)
+            st = os.fstat(fd)
+            mask = 0
+            if fields.update_size:
+                mask |= P.ATTR_SIZE
+            if fields.update_mode:
+                mask |= P.ATTR_MODE
+            if fields.update_uid:
+                mask |= P.ATTR_UID
+            if fields.update_gid:
+                mask |= P.ATTR_GID
+            if fields.update_atime:
+                mask |= P.ATTR_ATIME
+            mtime = attr.st_mtime_ns
+            if fields.update_mtime:
+                mask |= P.ATTR_MTIME
+            elif mask & P.ATTR_SIZE:
+                mask |= P.ATTR_MTIME           # truncation moves mtime: same value on both nodes
+                mtime = time.time_ns()
+            f = self._files.get(fh) if fh is not None else None
+            values = dict(mode=attr.st_mode, uid=attr.st_uid, gid=attr.st_gid, size=attr.st_size,
+                          atime=attr.st_atime_ns, mtime=mtime)
+            # Name the inode on the wire by a handle the peer has open (fchmod comes without
+            # one: any of the inode's will do), else by path, found before changing anything.
+            handle = fh if f is not None and f.replicated and f.writable else self._handle_of(ino)
+            path = b"" if handle else self._name_of(ino)
+            apply_setattr(fd, mask, writable=f.fd if f is not None and f.writable else None,
+                          is_symlink=stat.S_ISLNK(st.st_mode), **values)
+            if handle or path is not None:
+                await self._replicate(replicate, K.SETATTR, dict(
+                    handle=handle, mask=mask, path=b"" if handle else self._at(ino), **values),
+                    path or b"")
+            return self._attr(ino, os.fstat(fd))
 
     def _handle_of(self, ino: int) -> int:
         for fh, f in self._files.items():
@@ -574,47 +645,50 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def setxattr(self, ino, name, value, ctx):
-        replicate = await self._may_change()
-        path = self._name_of(ino)
-        os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
-        if path is not None:
-            await self._replicate(replicate, K.SETXATTR, dict(
-                path=self._at(ino), name=name, value=value), path)
+        async with self._items(ino):
+            replicate = await self._may_change()
+            path = self._name_of(ino)
+            os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
+            if path is not None:
+                await self._replicate(replicate, K.SETXATTR, dict(
+                    path=self._at(ino), name=name, value=value), path)
 
     @_answer
     async def removexattr(self, ino, name, ctx):
-        replicate = await self._may_change()
-        path = self._name_of(ino)
-        os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
-        if path is not None:
-            await self._replicate(replicate, K.REMOVEXATTR, dict(path=self._at(ino), name=name),
-                                  path)
+        async with self._items(ino):
+            replicate = await self._may_change()
+            path = self._name_of(ino)
+            os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
+            if path is not None:
+                await self._replicate(replicate, K.REMOVEXATTR, dict(path=self._at(ino), name=name),
+                                      path)
 
     # --- changing the namespace ----------------------------------------------
     async def _new_node(self, parent, name, kind, ctx, *, mode=0, rdev=0, target=b""):
-        replicate = await self._may_change()
-        dfd = self.tree.fd(parent)
-        self.tree.path(parent)                                   # nameable, or fail now
-        if kind != "symlink":
-            mode = _masked(dfd, mode, ctx)
-        uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
-        now = time.time_ns()
-        common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=self._at(parent), name=name)
-        if kind == "dir":
-            op, fields, undo = K.MKDIR, dict(mode=mode, **common), K.RMDIR
-        elif kind == "node":
-            op, fields, undo = K.MKNOD, dict(mode=mode, rdev=rdev, **common), K.UNLINK
-        else:
-            op, fields, undo = K.SYMLINK, dict(target=target, **common), K.UNLINK
+        async with self._items(parent):
+            replicate = await self._may_change()
+            dfd = self.tree.fd(parent)
+            self.tree.path(parent)                                   # nameable, or fail now
+            if kind != "symlink":
+                mode = _masked(dfd, mode, ctx)
+            uid, gid, mode = owner_for(os.fstat(dfd), ctx.uid, ctx.gid, mode)
+            now = time.time_ns()
+            common = dict(uid=uid, gid=gid, mtime=now, pmtime=now, parent=self._at(parent), name=name)
+            if kind == "dir":
+                op, fields, undo = K.MKDIR, dict(mode=mode, **common), K.RMDIR
+            elif kind == "node":
+                op, fields, undo = K.MKNOD, dict(mode=mode, rdev=rdev, **common), K.UNLINK
+            else:
+                op, fields, undo = K.SYMLINK, dict(target=target, **common), K.UNLINK
 
-        def local():
-            make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
-            sysops.set_times(dfd, None, now, name)
-            sysops.set_times(dfd, None, now)
-        await self._both(replicate, op, fields, self._under(parent, name), local,
-                         undo=self._undo_new(undo, dfd, parent, name))
-        ino, st = self.tree.lookup(parent, name)
-        return self._attr(ino, st)
+            def local():
+                make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
+                sysops.set_times(dfd, None, now, name)
+                sysops.set_times(dfd, None, now)
+            await self._both(replicate, op, fields, self._under(parent, name), local,
+                             undo=self._undo_new(undo, dfd, parent, name))
+            ino, st = self.tree.lookup(parent, name)
+            return self._attr(ino, st)
 
     @_answer
     async def mkdir(self, parent, name, mode, ctx):
@@ -631,34 +705,36 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def link(self, ino, new_parent, new_name, ctx):
-        replicate = await self._may_change()
-        self.tree.path(ino), self.tree.path(new_parent)          # nameable, or fail now
-        dfd, src = self.tree.fd(new_parent), self.tree.fd(ino)
-        now = time.time_ns()
+        async with self._items(new_parent, touch=(ino,)):
+            replicate = await self._may_change()
+            self.tree.path(ino), self.tree.path(new_parent)          # nameable, or fail now
+            dfd, src = self.tree.fd(new_parent), self.tree.fd(ino)
+            now = time.time_ns()
 
-        def local():
-            os.link(sysops.proc_path(src), new_name, dst_dir_fd=dfd, follow_symlinks=True)
-            sysops.set_times(dfd, None, now)
-        await self._both(replicate, K.LINK, dict(
-            pmtime=now, source=self._at(ino), parent=self._at(new_parent), name=new_name),
-            self._under(new_parent, new_name), local,
-            undo=self._undo_new(K.UNLINK, dfd, new_parent, new_name))
-        ino, st = self.tree.lookup(new_parent, new_name)
-        return self._attr(ino, st)
+            def local():
+                os.link(sysops.proc_path(src), new_name, dst_dir_fd=dfd, follow_symlinks=True)
+                sysops.set_times(dfd, None, now)
+            await self._both(replicate, K.LINK, dict(
+                pmtime=now, source=self._at(ino), parent=self._at(new_parent), name=new_name),
+                self._under(new_parent, new_name), local,
+                undo=self._undo_new(K.UNLINK, dfd, new_parent, new_name))
+            ino, st = self.tree.lookup(new_parent, new_name)
+            return self._attr(ino, st)
 
     async def _remove(self, parent, name, kind: K):
-        replicate = await self._may_change()
-        dfd = self.tree.fd(parent)
-        self.tree.path(parent)                                   # nameable, or fail now
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        now = time.time_ns()
+        async with self._items(parent):
+            replicate = await self._may_change()
+            dfd = self.tree.fd(parent)
+            self.tree.path(parent)                                   # nameable, or fail now
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            now = time.time_ns()
 
-        def local():
-            (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
-            sysops.set_times(dfd, None, now)
-        await self._both(replicate, kind, dict(pmtime=now, parent=self._at(parent), name=name),
-                         self._under(parent, name), local)
-        self.tree.moved(self.tree.ino_of(st), (parent, name), None)
+            def local():
+                (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
+                sysops.set_times(dfd, None, now)
+            await self._both(replicate, kind, dict(pmtime=now, parent=self._at(parent), name=name),
+                             self._under(parent, name), local)
+            self.tree.moved(self.tree.ino_of(st), (parent, name), None)
 
     @_answer
     async def unlink(self, parent, name, ctx):
@@ -677,16 +753,18 @@ class MirrorFS(pyfuse3.Operations):
         other = None
         if flags & sysops.RENAME_EXCHANGE:
             other = self.tree.ino_of(os.stat(name_new, dir_fd=dst, follow_symlinks=False))
-        now = time.time_ns()
+        async with self._items(parent_old, parent_new,
+                               touch=(moved,) if other is None else (moved, other)):
+            now = time.time_ns()
 
-        def local():
-            sysops.rename(src, name_old, dst, name_new, flags)
-            sysops.set_times(src, None, now)
-            sysops.set_times(dst, None, now)
-        await self._both(replicate, K.RENAME, dict(
-            flags=flags, pmtime_old=now, pmtime_new=now, parent_old=self._at(parent_old),
-            name_old=name_old, parent_new=self._at(parent_new), name_new=name_new),
-            self._under(parent_new, name_new), local)
+            def local():
+                sysops.rename(src, name_old, dst, name_new, flags)
+                sysops.set_times(src, None, now)
+                sysops.set_times(dst, None, now)
+            await self._both(replicate, K.RENAME, dict(
+                flags=flags, pmtime_old=now, pmtime_new=now, parent_old=self._at(parent_old),
+                name_old=name_old, parent_new=self._at(parent_new), name_new=name_new),
+                self._under(parent_new, name_new), local)
         self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
         if other is not None:
             self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))

@@ -17,6 +17,7 @@ after applying it. A caller learns the outcome with finish():
 from __future__ import annotations
 
 import bisect
+import contextvars
 import enum
 import logging
 import os
@@ -42,7 +43,12 @@ RTT_BOUNDS_US = (100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 2
                  500000, 1000000, 2500000, 5000000, 10000000)
 
 
-_NOT_CHANGES = (P.Kind.PING, P.Kind.RELEASE, P.Kind.MANIFEST_REQ)
+_NOT_CHANGES = (P.Kind.PING, P.Kind.RELEASE, P.Kind.MANIFEST_REQ, P.Kind.PROBE)
+
+# The items (inode numbers) the change being sequenced touches, set by the caller around
+# begin() while a resynchronisation runs: if the peer cannot apply the change, they are
+# sent again (Mirror.on_failed).
+TOUCHED: contextvars.ContextVar[tuple] = contextvars.ContextVar("touched", default=())
 
 
 class Policy(str, enum.Enum):
@@ -62,12 +68,13 @@ class Link(str, enum.Enum):
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     OUTDATED = "outdated"      # peer's copy is not good; nothing is replicated
+    RESYNC = "resync"          # changes are replicated while the peer is brought up to date
     CLOSED = "closed"
 
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete", "kind")
+                 "mirror", "complete", "kind", "touched")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -82,6 +89,7 @@ class Pending:
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
         self.kind = None         # the operation's protocol kind
+        self.touched = None      # sent during a resynchronisation: the items it changes
 
 
 class Mirror:
@@ -108,6 +116,8 @@ class Mirror:
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
+        self.on_failed = None            # resynchronisation: callable(touched) when the
+        #                                  peer could not apply a change
         self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0,
                       "rtt_sum_us": 0, "rtt_buckets": [0] * (len(RTT_BOUNDS_US) + 1)}
 
@@ -149,6 +159,11 @@ class Mirror:
             log.info("replicating to %s:%s (session %016x, protocol %d)", *self.peer,
                      self.session, fs.version)
 
+    @property
+    def version(self) -> int:
+        """The protocol version of the current connection (0: none)."""
+        return self._fs.version if self._fs is not None else 0
+
     def _set(self, link: Link) -> None:
         if link != self.link:
             self.link = link
@@ -162,7 +177,8 @@ class Mirror:
             nursery.start_soon(self._watchdog)
             task_status.started()
             while self.link != Link.CLOSED:
-                if self.link in (Link.CONNECTED, Link.OUTDATED) and self._fs is not None:
+                if self.link in (Link.CONNECTED, Link.OUTDATED, Link.RESYNC) \
+                        and self._fs is not None:
                     await self._read(self._fs)
                 elif self.link == Link.RECONNECTING:
                     await self._reconnect()
@@ -206,15 +222,50 @@ class Mirror:
             self.stats["rtt_sum_us"] += rtt
             self.stats["rtt_buckets"][bisect.bisect_left(RTT_BOUNDS_US, rtt)] += 1
         p.errno = errno
+        if self.link == Link.RESYNC:
+            if errno and self.on_failed is not None and p.touched \
+                    and p.kind != P.Kind.RESYNC_DONE:
+                self.on_failed(p.touched)
+            elif p.kind == P.Kind.RESYNC_DONE and not errno:
+                self._resynced()
         p.done.set()
         self._window.release(p.size)
+
+    def begin_resync(self, on_failed) -> None:
+        """The peer is out of date (a connected one: marked so by the caller) and about to
+        be resynchronised: from now on every change is sent to it too; one it cannot
+        apply calls on_failed(touched) instead of making it out of date (it already is)."""
+        if self.link not in (Link.OUTDATED, Link.CONNECTED) or self._fs is None:
+            raise PeerError(f"cannot resynchronise: the link is {self.link.value}")
+        if not self.state.get("peer_outdated"):
+            raise PeerError("the peer must be marked out of date before it is resynchronised")
+        self.on_failed = on_failed
+        self._set(Link.RESYNC)
+
+    def _resynced(self) -> None:
+        """The peer accepted RESYNC_DONE: its copy equals ours. Recorded before the link
+        counts as connected, so that a later failure marks the peer out of date again."""
+        try:
+            self.state.mark_peer_uptodate()
+        except OSError as e:
+            log.error("cannot record that the peer is up to date (%s): it stays out of date", e)
+            return
+        self.on_failed = None
+        self._set(Link.CONNECTED)
+        log.info("peer %s:%s is up to date: replicating", *self.peer)
+
+    def end_resync(self) -> None:
+        """A resynchronisation stopped without finishing: back to nothing replicated."""
+        self.on_failed = None
+        if self.link == Link.RESYNC:
+            self._set(Link.OUTDATED)
 
     async def _watchdog(self) -> None:
         """Declares the link lost when the oldest operation waits longer than the timeout
         (a frozen or unreachable peer), and keeps an idle link tested with PING."""
         while True:
             await trio.sleep(min(PING_INTERVAL, self.timeout / 4))
-            if self.link != Link.CONNECTED:
+            if self.link not in (Link.CONNECTED, Link.RESYNC):
                 continue
             now = time.monotonic()
             oldest = min((p.sent for p in self._pending.values() if not p.patient), default=None)
@@ -235,12 +286,12 @@ class Mirror:
         self._retiring = retiring
 
     async def _lost(self, reason: str) -> None:
-        if self.link not in (Link.CONNECTED, Link.OUTDATED) or self._retiring:
+        if self.link not in (Link.CONNECTED, Link.OUTDATED, Link.RESYNC) or self._retiring:
             return
         fs, self._fs = self._fs, None
         if fs is not None:
             await fs.aclose()
-        if self.link == Link.OUTDATED:
+        if self.link in (Link.OUTDATED, Link.RESYNC):
             log.warning("connection to out-of-date peer %s:%s lost: %s", *self.peer, reason)
             self._set(Link.CLOSED)
             self._release_all()
@@ -338,7 +389,7 @@ class Mirror:
         Raises PeerError when the policy is block and no good peer is there."""
         while True:
             link = self.link
-            if link == Link.CONNECTED:
+            if link in (Link.CONNECTED, Link.RESYNC):
                 return True
             if link == Link.RECONNECTING:
                 left = self._lost_at + self.timeout - time.monotonic() + 1.0
@@ -388,6 +439,8 @@ class Mirror:
             seq = self._seq
             p = Pending(seq, prepared.stamp(seq), size, self)
             p.patient, p.kind = patient, kind
+            if self.link == Link.RESYNC:
+                p.touched = TOUCHED.get()
             self._pending[seq] = p
             self.stats["ops"] += 1
             self.stats["bytes"] += prepared.length + P.HEADER_SIZE
@@ -404,7 +457,7 @@ class Mirror:
         """Can an operation be sequenced now and be answered? Changes go to a live or
         reconnecting link (resent once back); a patient request also to a connected
         peer that is out of date."""
-        if self.link in (Link.CONNECTED, Link.RECONNECTING):
+        if self.link in (Link.CONNECTED, Link.RECONNECTING, Link.RESYNC):
             return True
         return patient and self.link == Link.OUTDATED and self._fs is not None
 
@@ -418,6 +471,11 @@ class Mirror:
         if p is None:
             return False
         await p.done.wait()
+        if p.errno and p.touched is not None:
+            # Resynchronising: the items it touched are sent again (see begin_resync),
+            # and the peer counts as up to date only once they were.
+            log.debug("peer could not apply operation %d yet: %s", p.seq, os.strerror(p.errno))
+            return True
         if p.errno:
             log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))
             await self.diverged(f"peer could not apply a change ({os.strerror(p.errno)})")
@@ -448,6 +506,12 @@ class Mirror:
         if p.lost or not p.complete:
             raise PeerError("the peer's manifest did not arrive whole (link lost or resumed)")
         return b"".join(p.chunks)
+
+    async def sync_point(self) -> None:
+        """Wait until what was sent so far is acknowledged (what is sent meanwhile is
+        not waited for, unlike drain)."""
+        if self._pending:
+            await self._pending[max(self._pending)].done.wait()
 
     async def drain(self) -> None:
         """Wait until every operation sent so far is acknowledged (or given up)."""

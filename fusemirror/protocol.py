@@ -54,7 +54,7 @@ FLAG_LZ4 = 0x01
 # message kinds and raises PROTOCOL_MAX, keeping PROTOCOL_MIN while it can still
 # talk to the previous release.
 PROTOCOL_MIN = 1
-PROTOCOL_MAX = 1
+PROTOCOL_MAX = 2
 
 # Payloads smaller than this are never compressed; larger ones are compressed when
 # a sample of them compresses well (see maybe_compress).
@@ -97,6 +97,12 @@ class Kind(enum.IntEnum):
     FSYNCDIR = 25
     MANIFEST_REQ = 26
     PING = 27
+    # resynchronisation (protocol 2), primary -> replica
+    RESYNC_BEGIN = 28
+    PROBE = 29
+    PUT = 30
+    REMOVE = 31
+    RESYNC_DONE = 32
     # replica -> primary
     ACK = 40
     MANIFEST = 41
@@ -149,6 +155,18 @@ SCHEMAS: dict[Kind, tuple[tuple[str, str], ...]] = {
     Kind.FSYNCDIR: (("datasync", "B"), ("path", "b")),
     Kind.MANIFEST_REQ: (),
     Kind.PING: (),
+    # The replica's copy is out of date from now until a RESYNC_DONE it accepts.
+    Kind.RESYNC_BEGIN: (("full", "B"),),
+    # Describe the node at path (answered by MANIFEST frames holding one JSON object):
+    # what bit 0: a directory's entries, bit 1: a file's chunk hashes of `chunk` bytes.
+    Kind.PROBE: (("what", "B"), ("chunk", "I"), ("path", "b")),
+    # Write data at offset into the file at path (resynchronisation of a chunk).
+    Kind.PUT: (("offset", "Q"), ("path", "b"), ("data", "b")),
+    # Remove whatever is at path, a directory with everything under it.
+    Kind.REMOVE: (("path", "b"),),
+    # Every difference was sent: the replica makes its copy durable and marks it up to
+    # date, unless a change failed there since the previous RESYNC_DONE (ACK EAGAIN).
+    Kind.RESYNC_DONE: (),
     # errno 0: applied. Otherwise the replica could not apply the operation.
     Kind.ACK: (("errno", "I"),),
     # One chunk of the replica's manifest (JSON lines); last=1 on the final chunk.
@@ -156,7 +174,10 @@ SCHEMAS: dict[Kind, tuple[tuple[str, str], ...]] = {
 }
 
 # Message kinds introduced by each protocol version (cumulative).
-KINDS_BY_VERSION: dict[int, frozenset[Kind]] = {1: frozenset(Kind)}
+_RESYNC_KINDS = frozenset({Kind.RESYNC_BEGIN, Kind.PROBE, Kind.PUT, Kind.REMOVE,
+                           Kind.RESYNC_DONE})
+KINDS_BY_VERSION: dict[int, frozenset[Kind]] = {1: frozenset(Kind) - _RESYNC_KINDS,
+                                                2: frozenset(Kind)}
 
 ATTR_SIZE = 1
 ATTR_MODE = 2

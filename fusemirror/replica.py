@@ -19,6 +19,7 @@ import os
 
 import trio
 
+from . import probe, sysops
 from . import protocol as P
 from .apply import Applier
 from .statefile import StateFile
@@ -59,6 +60,8 @@ class ReplicaServer:
         self._current: FrameStream | None = None
         self._lock = trio.Lock()
         self.stats = {"ops": 0, "bytes": 0, "refused": 0, "corrupt": 0}
+        self.resyncing = False      # between RESYNC_BEGIN and an accepted RESYNC_DONE
+        self._failed = False        # a change failed since the last RESYNC_BEGIN or _DONE
         self._listeners = []
         self._scope = trio.CancelScope()
 
@@ -184,10 +187,17 @@ class ReplicaServer:
                 await self._broken(f"sequence gap: got {msg.seq} after {s.last_seq}")
                 return
             if msg.kind == P.Kind.MANIFEST_REQ:
-                await self._send_manifest(fs, msg.seq)
+                await self._send_reply(fs, msg.seq, self.manifest)
                 s.remember(msg.seq, 0)
                 continue
-            err = await self._apply(s, msg)
+            if msg.kind == P.Kind.PROBE:
+                await self._send_reply(fs, msg.seq, lambda: self._probe(msg))
+                s.remember(msg.seq, 0)
+                continue
+            if msg.kind in (P.Kind.RESYNC_BEGIN, P.Kind.RESYNC_DONE):
+                err = await self._resync_step(msg.kind)
+            else:
+                err = await self._apply(s, msg)
             s.remember(msg.seq, err)
             await fs.send(P.Kind.ACK, msg.seq, dict(errno=err))
 
@@ -202,16 +212,48 @@ class ReplicaServer:
             err = e.errno or E.EIO
             log.info("could not apply %s (seq %d): %s", msg.kind.name, msg.seq,
                      os.strerror(err))
+            self._failed = True
             return err
         self.stats["ops"] += 1
-        if msg.kind == P.Kind.WRITE:
+        if msg.kind in (P.Kind.WRITE, P.Kind.PUT):
             self.stats["bytes"] += len(msg.data)
         if inval and self.invalidate is not None:
             await self.invalidate(inval)
         return 0
 
-    async def _send_manifest(self, fs: FrameStream, seq: int) -> None:
-        data = await trio.to_thread.run_sync(self.manifest)
+    def _probe(self, msg: P.Message) -> bytes:
+        try:
+            d = probe.describe(self.root_fd, msg.path, msg.what, max(msg.chunk, 4096))
+        except OSError as e:
+            d = {"exists": False, "error": f"{msg.path!r}: {e.strerror or e}"}
+        return probe.dumps(d)
+
+    async def _resync_step(self, kind: P.Kind) -> int:
+        """RESYNC_BEGIN: this copy is out of date until the resynchronisation ends.
+        RESYNC_DONE: it ends, unless a change failed here since the last attempt (the
+        primary then resends what it touched and asks again)."""
+        if kind == P.Kind.RESYNC_BEGIN:
+            await trio.to_thread.run_sync(self.state.mark_self, False, "resynchronising")
+            self.resyncing, self._failed = True, False
+            log.info("resynchronisation from the primary begins")
+            return 0
+        if self._failed:
+            self._failed = False
+            return E.EAGAIN
+        try:
+            await trio.to_thread.run_sync(sysops.syncfs, self.root_fd)
+            await trio.to_thread.run_sync(self.state.mark_resynced)
+        except OSError as e:
+            log.error("cannot make the resynchronised copy durable: %s", e)
+            return e.errno or E.EIO
+        self.resyncing = False
+        log.info("resynchronisation done: this copy is up to date")
+        return 0
+
+    async def _send_reply(self, fs: FrameStream, seq: int, build) -> None:
+        """Answer a request with what build() returns (run in a thread), in MANIFEST
+        frames of at most 8 MiB."""
+        data = await trio.to_thread.run_sync(build)
         step = 8 << 20
         chunks = [data[i:i + step] for i in range(0, len(data), step)] or [b""]
         for i, chunk in enumerate(chunks):
@@ -231,4 +273,5 @@ class ReplicaServer:
                 "connected": self.connected, "primary": self.primary,
                 "session": "%016x" % self.session.sid if self.session else None,
                 "last_seq": self.session.last_seq if self.session else 0,
-                "uptodate": bool(self.state.get("uptodate", True)), **self.stats}
+                "uptodate": bool(self.state.get("uptodate", True)),
+                "resyncing": self.resyncing and self.connected, **self.stats}

@@ -97,6 +97,25 @@ class StateFile:
                 self._update(dict(uptodate=uptodate, uptodate_reason=reason,
                                   uptodate_changed=time.time()))
 
+    def mark_resynced(self) -> None:
+        """Replica: a resynchronisation made this copy equal to the primary's."""
+        with self._lock:
+            self._update(dict(uptodate=True, uptodate_reason="resynchronised",
+                              uptodate_changed=time.time(), resynced_at=time.time()))
+
+    def mark_peer_uptodate(self) -> None:
+        """Primary: the peer's copy equals ours again; what changed alone is forgotten."""
+        with self._lock:
+            self._update(dict(peer_outdated=False, changed_alone=False, reason="",
+                              peer_resynced_at=time.time()))
+            if self._changes is not None:
+                self._changes.close()
+                self._changes = None
+            try:
+                os.unlink(self.changes_path)
+            except FileNotFoundError:
+                pass
+
     def record_change(self, what: str, path: bytes) -> None:
         """Remember that path changed while the peer could not follow."""
         if self._changes is None:

@@ -116,6 +116,15 @@ def open_beneath(dirfd: int, path: bytes, flags: int) -> int:
     return fd
 
 
+def syncfs(fd: int) -> None:
+    """Make everything written to the filesystem holding fd (O_PATH is fine) durable."""
+    real = os.open(proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.syncfs(ctypes.c_int(real)), "syncfs")
+    finally:
+        os.close(real)
+
+
 def proc_path(fd: int) -> str:
     """A path that reaches whatever fd refers to, even an O_PATH descriptor."""
     return f"/proc/self/fd/{fd}"

@@ -85,6 +85,11 @@ SAMPLES: dict[Kind, dict] = {
     Kind.FSYNCDIR: dict(datasync=0, path=b"d/e"),
     Kind.MANIFEST_REQ: {},
     Kind.PING: {},
+    Kind.RESYNC_BEGIN: dict(full=1),
+    Kind.PROBE: dict(what=3, chunk=1 << 20, path=NOT_UTF8),
+    Kind.PUT: dict(offset=U64_MAX, path=b"a/b", data=b"\x00" * 5000),
+    Kind.REMOVE: dict(path=b"d/e"),
+    Kind.RESYNC_DONE: {},
     Kind.ACK: dict(errno=28),
     Kind.MANIFEST: dict(last=1, chunk=b'{"path": "a"}\n' * 3),
 }

@@ -1,0 +1,540 @@
+"""Resynchronisation: the primary brings an out-of-date peer up to date, online.
+
+docs/reintegration.md gives the argument; in short:
+
+- Every change the application makes during the resync is replicated as usual (the
+  link is RESYNC). One the peer cannot apply (its copy of that item is stale) does not
+  make the peer out of date again (it is already): the items it touched are queued and
+  sent again (Mirror.on_failed).
+- The resync walks the tree, directories before what they hold. Each item (a
+  directory's entries and attributes, a file's data and attributes) is handled under
+  its resync lock, which the changes of that item also take (fs._Items): the peer
+  describes its copy at that point of the replication stream (PROBE), the primary
+  describes its own, and sends only what differs. Nothing changes the item here
+  between the two and the fixes, and everything that changed it before is ahead of
+  them in the stream, so afterwards both copies of the item are equal, and every later
+  change applies to equal copies.
+- A change that moves a not-yet-visited item where the walk has already been (rename,
+  link) queues that item too.
+- At the end, once every operation sent was acknowledged and nothing is queued,
+  RESYNC_DONE: the peer makes its copy durable and marks it up to date, unless one of
+  the changes failed there since the last attempt (then the touched items go again).
+  The primary clears its out-of-date mark when the peer accepted (Mirror._resynced).
+
+A resync that stops halfway (link lost, either node killed) leaves the peer marked out
+of date on both sides; the next one starts over. This is the full resync: every file is
+hashed on both sides, but only chunks that differ are sent (lz4-packed when it pays).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno as E
+import logging
+import os
+import stat
+import time
+
+import trio
+
+from . import probe
+from . import protocol as P
+from . import sysops
+from .mirror import TOUCHED, Link
+from .tree import NoSuchInode
+
+log = logging.getLogger(__name__)
+K = P.Kind
+
+CHUNK = 1 << 20
+_HANDLES = 1 << 62          # handles the resync itself opens on the peer
+_ENGINE = -1                # TOUCHED marker of the resync's own operations
+MAX_ATTEMPTS = 5            # an item that keeps failing ends the attempt
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_DELETED = b" (deleted)"
+# entry fields (probe._entries)
+_NAME, _TYPE, _INO, _NLINK, _EXTRA, _MODE, _UID, _GID, _MTIME, _SIZE, _HASHES, _XATTRS = range(12)
+
+
+class ResyncFailed(Exception):
+    """This attempt stopped; the peer stays out of date."""
+
+
+def _entry_desc(e: list) -> dict:
+    """A directory entry as probe.describe_fd would describe the node."""
+    d = {"exists": True, "type": e[_TYPE], "ino": e[_INO], "nlink": e[_NLINK],
+         "mode": e[_MODE], "uid": e[_UID], "gid": e[_GID], "mtime": e[_MTIME],
+         "size": e[_SIZE]}
+    if e[_TYPE] == stat.S_IFLNK:
+        d["target"] = e[_EXTRA]
+    else:
+        d["rdev"] = e[_EXTRA]
+        d["xattrs"] = e[_XATTRS] or {}
+    if e[_HASHES] is not None:
+        d["hashes"] = e[_HASHES]
+    return d
+
+
+def _count(root_fd: int) -> tuple[int, int]:
+    """Items and bytes of regular files under root_fd (for progress)."""
+    items = size = 0
+    top = os.open(sysops.proc_path(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            items += len(dirs) + len(files)
+            for name in files:
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    size += st.st_size
+    finally:
+        os.close(top)
+    return items + 1, size
+
+
+class Resync:
+    def __init__(self, fs, mirror, *, chunk: int = CHUNK, rate: int = 0):
+        self.fs, self.mirror, self.tree = fs, mirror, fs.tree
+        self.chunk = chunk
+        self.rate = rate                  # bytes per second of chunk data; 0: no cap
+        self.done: set[int] = set()
+        self.queue: collections.deque[tuple[int, int]] = collections.deque()   # (fd, ino)
+        self._queued: set[int] = set()
+        self._locks: dict[int, trio.Lock] = {}
+        self._attempts: collections.Counter = collections.Counter()
+        # files with several links: primary inode -> (a path on the peer, the peer's inode)
+        self._placed: dict[int, tuple[bytes, int | None]] = {}
+        self._claimed: dict[int, int] = {}      # peer inode (several links) -> primary inode
+        self._handle = _HANDLES
+        self._failure: str | None = None
+        self._root = self.tree.root_path.rstrip(b"/") + b"/"
+        self.progress = {"state": "starting", "full": True, "items_total": 0, "items_done": 0,
+                         "bytes_total": 0, "bytes_done": 0, "bytes_sent": 0,
+                         "started": time.time(), "rate_bps": 0, "eta_s": None}
+        self._t0 = time.monotonic()
+
+    # --- what the file system and the mirror call -----------------------------------------
+    def lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    def touched(self, inos, failed: bool = False) -> None:
+        """Items a change touches (failed: the peer could not apply it): those not
+        handled yet, or to be handled again, are queued."""
+        for ino in inos:
+            if ino == _ENGINE:
+                if failed:
+                    self._failure = "the peer could not apply a resynchronisation step"
+                continue
+            if failed:
+                self.done.discard(ino)
+            if ino in self.done or ino in self._queued:
+                continue
+            try:
+                fd = os.dup(self.tree.fd(ino))
+            except (NoSuchInode, OSError):
+                continue
+            self._queued.add(ino)
+            self.queue.append((fd, ino))
+
+    def _failed(self, touched) -> None:
+        self.touched(touched, failed=True)
+
+    # --- running ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Resynchronise; returns once the peer accepted RESYNC_DONE (the link is then
+        connected). Raises ResyncFailed (the peer stays out of date)."""
+        m, fs = self.mirror, self.fs
+        m.begin_resync(self._failed)
+        token = TOUCHED.set((_ENGINE,))
+        try:
+            await fs.start_resync(self)
+            await self._op(K.RESYNC_BEGIN, dict(full=1))
+            items, size = await trio.to_thread.run_sync(_count, self.tree.root_fd)
+            self.progress.update(items_total=items, bytes_total=size, state="copying")
+            log.info("resynchronising %s:%s: %d items, %d bytes to compare", *m.peer, items,
+                     size)
+            await self._walk(self.tree.root_fd, own=False)
+            await self._finish()
+        except BaseException:
+            m.end_resync()
+            raise
+        finally:
+            TOUCHED.reset(token)
+            fs.stop_resync()
+            while self.queue:
+                os.close(self.queue.popleft()[0])
+        self.progress.update(state="done", eta_s=0)
+        log.info("resynchronisation of %s:%s done in %.1f s: %d bytes sent", *m.peer,
+                 time.monotonic() - self._t0, self.progress["bytes_sent"])
+
+    async def _finish(self) -> None:
+        m = self.mirror
+        while True:
+            while self.queue:
+                fd, ino = self.queue.popleft()
+                self._queued.discard(ino)
+                try:
+                    self._attempt(ino)
+                    if stat.S_ISDIR(os.fstat(fd).st_mode):
+                        await self._walk(fd, own=False)
+                    else:
+                        await self._leaf(fd)
+                finally:
+                    os.close(fd)
+            self._check()
+            await m.sync_point()
+            self._check()
+            if self.queue:
+                continue
+            self.progress["state"] = "finishing"
+            p = await m.begin(K.RESYNC_DONE, {}, patient=True)
+            if p is None:
+                self._check()
+                raise ResyncFailed("the link was lost")
+            await p.done.wait()
+            if p.lost:
+                raise ResyncFailed("the link was lost")
+            if p.errno == E.EAGAIN:
+                self._check()
+                continue        # a change failed there meanwhile: its items are queued
+            if p.errno:
+                raise ResyncFailed(f"the peer refused to finish: {os.strerror(p.errno)}")
+            if m.link != Link.CONNECTED:
+                raise ResyncFailed("the peer's new state could not be recorded here")
+            return
+
+    def _check(self) -> None:
+        if self._failure:
+            raise ResyncFailed(self._failure)
+        if self.mirror.link != Link.RESYNC:
+            raise ResyncFailed(f"the link is {self.mirror.link.value}")
+
+    def _attempt(self, ino: int) -> None:
+        self._attempts[ino] += 1
+        if self._attempts[ino] > MAX_ATTEMPTS:
+            raise ResyncFailed(f"inode {ino} still differs after {MAX_ATTEMPTS} attempts")
+
+    # --- names ----------------------------------------------------------------------------
+    def _ino(self, fd: int) -> int:
+        return self.tree.ino_of(os.fstat(fd))
+
+    def _rel(self, fd: int) -> bytes:
+        """fd's path relative to the root, as the peer resolves it; raises FileNotFoundError
+        when it has none (removed meanwhile)."""
+        if fd == self.tree.root_fd:
+            return b"."
+        full = os.readlink(sysops.proc_path(fd).encode())
+        if full.endswith(_DELETED) and os.fstat(fd).st_nlink == 0:
+            raise FileNotFoundError(E.ENOENT, "removed")
+        if not full.startswith(self._root):
+            raise FileNotFoundError(E.ENOENT, "outside the tree")
+        return full[len(self._root):]
+
+    def _at(self, fd: int):
+        return lambda: self._rel(fd)
+
+    def _under(self, dfd: int, name: bytes):
+        def path():
+            base = self._rel(dfd)
+            return name if base == b"." else base + b"/" + name
+        return path
+
+    # --- talking to the peer ---------------------------------------------------------------
+    async def _op(self, kind: P.Kind, fields: dict, compress: bool = False) -> None:
+        p = await self.mirror.begin(kind, fields, compress=compress)
+        if p is None:
+            self._check()
+            raise ResyncFailed(f"an item could not be named for {kind.name}")
+
+    async def _probe(self, path, what: int) -> dict:
+        p = await self.mirror.begin(K.PROBE, dict(what=what, chunk=self.chunk, path=path),
+                                    patient=True)
+        if p is None:
+            self._check()
+            raise ResyncFailed("an item could not be named for PROBE")
+        await p.done.wait()
+        if p.lost or not p.complete:
+            raise ResyncFailed("the link was lost")
+        d = probe.loads(b"".join(p.chunks))
+        if "error" in d:
+            raise ResyncFailed(f"the peer cannot read its copy: {d['error']}")
+        return d
+
+    async def _pace(self, sent: int) -> None:
+        self.progress["bytes_sent"] += sent
+        if self.rate:
+            ahead = self.progress["bytes_sent"] / self.rate - (time.monotonic() - self._t0)
+            if ahead > 0:
+                await trio.sleep(ahead)
+
+    # --- the walk -------------------------------------------------------------------------
+    async def _walk(self, top: int, own: bool) -> None:
+        """Handle the directory top, then everything beneath it not handled yet, depth
+        first, with one open descriptor per level."""
+        levels = [(top, iter(await self._directory(top)), own)]
+        try:
+            while levels:
+                dfd, names, _ = levels[-1]
+                name = next(names, None)
+                if name is None:
+                    dfd, _, mine = levels.pop()
+                    if mine:
+                        os.close(dfd)
+                    continue
+                try:
+                    cfd = os.open(name, _O_PATH, dir_fd=dfd)
+                    st = os.fstat(cfd)
+                except OSError:
+                    continue                # gone meanwhile: its rename or removal followed
+                if self.tree.ino_of(st) in self.done:
+                    os.close(cfd)
+                elif stat.S_ISDIR(st.st_mode):
+                    try:
+                        names = iter(await self._directory(cfd))
+                    except BaseException:
+                        os.close(cfd)
+                        raise
+                    levels.append((cfd, names, True))
+                else:
+                    try:
+                        await self._leaf(cfd)
+                    finally:
+                        os.close(cfd)
+        finally:
+            for dfd, _, mine in levels:
+                if mine:
+                    os.close(dfd)
+
+    async def _directory(self, dfd: int) -> list[bytes]:
+        """Make the peer's entries and attributes of this directory equal to ours, and
+        its small files too; returns the names still to visit (directories, large files)."""
+        ino = self._ino(dfd)
+        async with self.lock(ino):
+            self._check()
+            try:
+                self._rel(dfd)
+            except FileNotFoundError:
+                return []
+            theirs = await self._probe(self._at(dfd), probe.ENTRIES | probe.HASHES)
+            ours = await trio.to_thread.run_sync(probe.describe_fd, dfd, probe.ENTRIES,
+                                                 self.chunk)
+            if not theirs["exists"] or theirs["type"] != stat.S_IFDIR:
+                self._requeue_parent(dfd)
+                return []
+            peer = {bytes.fromhex(e[_NAME]): e for e in theirs["entries"]}
+            mine = {bytes.fromhex(e[_NAME]): e for e in ours["entries"]}
+            changed = False
+            for name in sorted(peer.keys() - mine.keys()):
+                await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
+                changed = True
+            visit = []
+            for name, e in sorted(mine.items()):
+                r = peer.get(name)
+                keep = r is not None and self._same_node(dfd, name, e, r)
+                if not keep:
+                    if r is not None:
+                        await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
+                    r = await self._create(dfd, name, e, ours["mtime"])
+                    changed = True
+                if e[_TYPE] == stat.S_IFDIR:
+                    visit.append(name)
+                elif e[_INO] in self.done:
+                    continue                # another link of a file handled already
+                elif r is None or (e[_TYPE] == stat.S_IFREG and (
+                        e[_SIZE] > self.chunk or _HASHES >= len(r) or r[_HASHES] is None)):
+                    visit.append(name)
+                else:
+                    await self._small(dfd, name, e[_INO], _entry_desc(r))
+            await self._fix_attrs(self._at(dfd), ours, theirs, force_mtime=changed)
+            self._handled(ino, 0)
+        self._forget_lock(ino)
+        return visit
+
+    def _same_node(self, dfd: int, name: bytes, e: list, r: list) -> bool:
+        """Can the peer's entry r stay for our entry e (same kind of node, and for a file
+        with several links, the same group)?"""
+        if r[_TYPE] != e[_TYPE]:
+            return False
+        if e[_TYPE] in (stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK):
+            return r[_EXTRA] == e[_EXTRA]
+        if e[_TYPE] != stat.S_IFREG:
+            return True
+        pino, rino = e[_INO], r[_INO]
+        if e[_NLINK] > 1 and pino in self._placed:
+            return self._placed[pino][1] == rino
+        owner = self._claimed.get(rino)
+        if owner is not None and owner != pino:
+            return False
+        if r[_NLINK] > 1:
+            self._claimed[rino] = pino
+        if e[_NLINK] > 1:
+            self._placed[pino] = (self._under(dfd, name)(), rino)
+        return True
+
+    async def _create(self, dfd: int, name: bytes, e: list, pmtime: int) -> list | None:
+        """Create our entry e on the peer; returns the entry the peer now has (for a new
+        file: empty, with our attributes), or None when it is to be probed."""
+        parent, typ = self._at(dfd), e[_TYPE]
+        common = dict(uid=e[_UID], gid=e[_GID], mtime=e[_MTIME], pmtime=pmtime, parent=parent,
+                      name=name)
+        if typ == stat.S_IFDIR:
+            await self._op(K.MKDIR, dict(mode=e[_MODE] | stat.S_IFDIR, **common))
+            return None
+        if typ == stat.S_IFLNK:
+            await self._op(K.SYMLINK, dict(target=bytes.fromhex(e[_EXTRA]), **common))
+            return [e[_NAME], typ, 0, 1, e[_EXTRA], 0o777, e[_UID], e[_GID], e[_MTIME], 0,
+                    None, None]
+        if typ != stat.S_IFREG:
+            await self._op(K.MKNOD, dict(mode=e[_MODE] | typ, rdev=e[_EXTRA], **common))
+            return [e[_NAME], typ, 0, 1, e[_EXTRA], e[_MODE], e[_UID], e[_GID], e[_MTIME], 0,
+                    None, {}]
+        pino = e[_INO]
+        if e[_NLINK] > 1 and pino in self._placed:
+            await self._op(K.LINK, dict(pmtime=pmtime, source=self._placed[pino][0],
+                                        parent=parent, name=name))
+            return None
+        self._handle += 1
+        await self._op(K.CREATE, dict(handle=self._handle, flags=os.O_WRONLY,
+                                      mode=e[_MODE], **common))
+        await self._op(K.RELEASE, dict(handle=self._handle))
+        if e[_NLINK] > 1:
+            self._placed[pino] = (self._under(dfd, name)(), None)
+        return [e[_NAME], typ, 0, 1, 0, e[_MODE], e[_UID], e[_GID], e[_MTIME], 0, [], {}]
+
+    def _requeue_parent(self, fd: int) -> None:
+        """The peer lacks this item where its parent should have put it (a change raced
+        the parent's turn): the parent goes again."""
+        try:
+            pfd = os.open(b"..", _O_PATH | os.O_DIRECTORY, dir_fd=fd) \
+                if stat.S_ISDIR(os.fstat(fd).st_mode) else \
+                sysops.open_beneath(self.tree.root_fd, self._rel(fd).rpartition(b"/")[0] or b".",
+                                    os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            return
+        pino = self._ino(pfd)
+        self._attempt(pino)
+        self.done.discard(pino)
+        self._queued.add(pino)
+        self.queue.append((pfd, pino))
+
+    # --- files and other leaves ---------------------------------------------------------
+    async def _small(self, dfd: int, name: bytes, pino: int, theirs: dict) -> None:
+        try:
+            fd = os.open(name, _O_PATH, dir_fd=dfd)
+        except OSError:
+            return
+        try:
+            if self._ino(fd) == pino:
+                await self._leaf(fd, theirs)
+        finally:
+            os.close(fd)
+
+    async def _leaf(self, fd: int, theirs: dict | None = None) -> None:
+        """Make the peer's copy of this file (symlink, device...) equal to ours. theirs:
+        the peer's description if known (from its directory), else it is probed."""
+        ino = self._ino(fd)
+        async with self.lock(ino):
+            self._check()
+            try:
+                self._rel(fd)
+            except FileNotFoundError:
+                return                      # removed: nothing to copy
+            st = os.fstat(fd)
+            big = stat.S_ISREG(st.st_mode) and st.st_size > self.chunk
+            what = probe.HASHES if stat.S_ISREG(st.st_mode) else 0
+            if big:
+                ours = await trio.to_thread.run_sync(probe.describe_fd, fd, what, self.chunk)
+            else:
+                ours = probe.describe_fd(fd, what, self.chunk)
+            if theirs is None or "hashes" not in theirs and what:
+                theirs = await self._probe(self._at(fd), what)
+            if not theirs["exists"] or theirs["type"] != ours["type"]:
+                self._requeue_parent(fd)
+                return
+            if ours["type"] == stat.S_IFREG:
+                await self._send_chunks(fd, ours, theirs)
+            await self._fix_attrs(self._at(fd), ours, theirs)
+            if ours["type"] == stat.S_IFREG:
+                await self._rebind(ino, fd)
+            self._handled(ino, ours.get("size", 0))
+        self._forget_lock(ino)
+
+    async def _send_chunks(self, fd: int, ours: dict, theirs: dict) -> None:
+        mine, peer = ours["hashes"], theirs.get("hashes") or []
+        todo = [i for i, h in enumerate(mine) if i >= len(peer) or peer[i] != h]
+        if not todo:
+            return
+        rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for i in todo:
+                if ours["size"] > self.chunk:
+                    data = await trio.to_thread.run_sync(os.pread, rfd, self.chunk,
+                                                         i * self.chunk)
+                else:
+                    data = os.pread(rfd, self.chunk, i * self.chunk)
+                await self._op(K.PUT, dict(offset=i * self.chunk, path=self._at(fd), data=data),
+                               compress=True)
+                await self._pace(len(data))
+        finally:
+            os.close(rfd)
+        theirs["mtime"] = None          # the writes moved it
+
+    async def _fix_attrs(self, path, ours: dict, theirs: dict, force_mtime: bool = False) -> None:
+        typ = ours["type"]
+        mask = 0
+        if typ == stat.S_IFREG and (ours["size"] != theirs.get("size")
+                                    or theirs.get("mtime") is None):
+            mask |= P.ATTR_SIZE
+        if ours["uid"] != theirs.get("uid"):
+            mask |= P.ATTR_UID
+        if ours["gid"] != theirs.get("gid"):
+            mask |= P.ATTR_GID
+        if typ != stat.S_IFLNK and ours["mode"] != theirs.get("mode"):
+            mask |= P.ATTR_MODE
+        if mask or force_mtime or ours["mtime"] != theirs.get("mtime"):
+            mask |= P.ATTR_MTIME
+            await self._op(K.SETATTR, dict(handle=0, mask=mask, mode=ours["mode"] | typ,
+                                           uid=ours["uid"], gid=ours["gid"], size=ours["size"],
+                                           atime=0, mtime=ours["mtime"], path=path))
+        if typ == stat.S_IFLNK:
+            return
+        mine, peer = ours.get("xattrs", {}), theirs.get("xattrs") or {}
+        for name, value in sorted(mine.items()):
+            if peer.get(name) != value:
+                await self._op(K.SETXATTR, dict(path=path, name=name.encode(),
+                                                value=bytes.fromhex(value)))
+        for name in sorted(peer.keys() - mine.keys()):
+            await self._op(K.REMOVEXATTR, dict(path=path, name=name.encode()))
+
+    async def _rebind(self, ino: int, fd: int) -> None:
+        """Files the application holds open for writing get their handle on the peer
+        (again: the peer's file may have been replaced), so that their next writes are
+        replicated."""
+        for fh, f in list(self.fs.writable_files()):
+            if f.ino == ino:
+                await self._op(K.OPEN, dict(handle=fh, flags=os.O_RDWR, mtime=0,
+                                            path=self._at(fd)))
+                f.replicated = True
+
+    def _handled(self, ino: int, size: int) -> None:
+        self.done.add(ino)
+        pr = self.progress
+        pr["items_done"] += 1
+        pr["bytes_done"] += size
+        elapsed = max(time.monotonic() - self._t0, 1e-3)
+        pr["rate_bps"] = int(pr["bytes_done"] / elapsed)
+        left = max(pr["bytes_total"] - pr["bytes_done"], 0)
+        pr["eta_s"] = round(left / pr["rate_bps"], 1) if pr["rate_bps"] else None
+
+    def _forget_lock(self, ino: int) -> None:
+        lock = self._locks.get(ino)
+        if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
+            del self._locks[ino]
+
+    def status(self) -> dict:
+        return dict(self.progress, queued=len(self.queue))

@@ -1,0 +1,223 @@
+"""Resynchronisation of an out-of-date replica by its primary, online (real mounts).
+
+The replica is stopped (or killed) while the primary goes on alone and changes the
+tree in every way; the replica's own backing copy is also changed behind its back
+(what a diverged or restored copy would hold). When the primary connects to it again,
+it resynchronises it, and both backing trees end identical (checked independently and
+by `fusemirror verify`) while the application may go on writing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import cli, wait_for
+
+
+def write(path: str, data: bytes, mode: str = "wb") -> None:
+    with open(path, mode) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_tree(root: str) -> None:
+    os.makedirs(os.path.join(root, "a/b/c"))
+    os.makedirs(os.path.join(root, "gone/deep"))
+    os.makedirs(os.path.join(root, "moved"))
+    for i in range(20):
+        write(os.path.join(root, "a", f"small{i}"), os.urandom(100 + i * 37))
+    write(os.path.join(root, "a/b/big"), os.urandom(3 << 20) + b"tail")
+    write(os.path.join(root, "a/b/c/trunc"), os.urandom(5 << 20))
+    write(os.path.join(root, "gone/deep/f"), b"will be removed")
+    write(os.path.join(root, "moved/f"), b"will move")
+    write(os.path.join(root, "a/linked"), b"two names")
+    os.link(os.path.join(root, "a/linked"), os.path.join(root, "a/b/linked2"))
+    os.symlink("small1", os.path.join(root, "a/sym"))
+    write(os.path.join(root, "typechange"), b"a file that becomes a directory")
+
+
+def change_alone(root: str) -> None:
+    """What the primary does while the replica is away: every kind of change."""
+    with open(os.path.join(root, "a/b/big"), "r+b") as f:     # a few chunks of a big file
+        f.seek(1 << 20)
+        f.write(b"X" * 4096)
+        f.seek(3 << 20)
+        f.write(b"grown past the end")
+    os.truncate(os.path.join(root, "a/b/c/trunc"), 1234567)
+    write(os.path.join(root, "a/small3"), b"rewritten")
+    write(os.path.join(root, "a/small4"), b"appended", "ab")
+    os.unlink(os.path.join(root, "a/small5"))
+    os.rename(os.path.join(root, "a/small6"), os.path.join(root, "a/b/small6-renamed"))
+    os.rename(os.path.join(root, "moved"), os.path.join(root, "a/b/c/moved-here"))
+    import shutil
+    shutil.rmtree(os.path.join(root, "gone"))
+    os.makedirs(os.path.join(root, "new/dir/tree"))
+    for i in range(30):
+        write(os.path.join(root, "new/dir/tree", f"n{i}"), os.urandom(i * 1000))
+    write(os.path.join(root, "new/huge"), os.urandom(2 << 20))
+    os.link(os.path.join(root, "new/huge"), os.path.join(root, "a/huge-link"))
+    os.link(os.path.join(root, "a/linked"), os.path.join(root, "new/linked3"))
+    os.chmod(os.path.join(root, "a/small7"), 0o600)
+    os.chown(os.path.join(root, "a/small8"), 1234, 5678)
+    os.setxattr(os.path.join(root, "a/small9"), "user.color", b"blue")
+    os.utime(os.path.join(root, "a/small10"), ns=(1, 1_500_000_000_123_456_789))
+    os.unlink(os.path.join(root, "a/sym"))
+    os.symlink("elsewhere", os.path.join(root, "a/sym"))
+    os.mkfifo(os.path.join(root, "new/fifo"))
+    os.unlink(os.path.join(root, "typechange"))
+    os.mkdir(os.path.join(root, "typechange"))
+    write(os.path.join(root, "typechange/inside"), b"now a directory")
+
+
+def spoil_backing(root: str) -> None:
+    """Changes a copy may hold that the primary never made (its own divergent writes)."""
+    write(os.path.join(root, "only-on-replica"), b"stale")
+    os.makedirs(os.path.join(root, "a/b/extra/deeper"))
+    write(os.path.join(root, "a/b/extra/deeper/x"), b"stale")
+    with open(os.path.join(root, "a/small11"), "r+b") as f:
+        f.write(b"corrupt")
+    os.setxattr(os.path.join(root, "a/small12"), "user.stale", b"1")
+
+
+def link_of(node) -> str:
+    m = node.status().get("mirror") or {}
+    return m.get("link", "")
+
+
+def reconnect(pair) -> None:
+    cli("role", pair.primary.dir, "primary", "--peer", pair.address)
+
+
+def wait_resynced(pair, timeout=60.0) -> None:
+    wait_for(lambda: link_of(pair.primary) == "connected", timeout=timeout,
+             what="the resynchronisation to finish")
+    assert pair.replica.state().get("uptodate") is True
+    assert pair.replica.state().get("resynced_at")
+    state = pair.primary.state()
+    assert not state.get("peer_outdated") and not state.get("changed_alone"), state
+
+
+@pytest.mark.parametrize("how", ["umount", "kill"])
+def test_replica_away_then_resynchronised(make_pair, how):
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    build_tree(pair.primary.dir)
+    pair.assert_identical()
+    if how == "kill":
+        pair.replica.kill(signal.SIGKILL)
+        pair.replica.stop()
+    else:
+        pair.replica.stop()
+    change_alone(pair.primary.dir)
+    assert pair.primary.state().get("peer_outdated")
+    spoil_backing(pair.replica.dir)
+    assert pair.backing_difference()
+    pair.mount_replica()
+    reconnect(pair)
+    wait_resynced(pair)
+    pair.assert_identical()
+    # and it replicates normally afterwards
+    write(pair.primary.path("after"), b"replicated synchronously")
+    with open(pair.replica.path("after"), "rb") as f:
+        assert f.read() == b"replicated synchronously"
+    status = pair.primary.status()["resync"]
+    assert status["state"] == "done" and status["bytes_sent"] > 0
+
+
+def test_full_resync_sends_only_differing_chunks(make_pair):
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    for i in range(4):
+        write(pair.primary.path(f"large{i}"), os.urandom(8 << 20))
+    pair.assert_identical()
+    pair.replica.stop()
+    # two chunks change in one file, one in another, behind the replica's back too
+    with open(pair.primary.path("large1"), "r+b") as f:
+        f.seek(3 << 20)
+        f.write(os.urandom(100))
+        f.seek(6 << 20)
+        f.write(os.urandom(100))
+    with open(pair.replica.dir + "/large2", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"bit rot")
+    pair.mount_replica()
+    reconnect(pair)
+    wait_resynced(pair)
+    pair.assert_identical()
+    sent = pair.primary.status()["resync"]["bytes_sent"]
+    assert sent == 3 << 20, sent           # three 1 MiB chunks, nothing else
+
+
+def test_admin_resync_repairs_a_damaged_replica(pair):
+    for i in range(5):
+        write(pair.primary.path(f"f{i}"), os.urandom(50000))
+    pair.assert_identical()
+    with open(f"/proc/self/fd/{pair.replica.backing_fd}/f3", "r+b") as f:   # behind its back
+        f.write(b"damage")
+    assert pair.backing_difference()
+    cli("resync", pair.primary.dir)
+    wait_resynced(pair)
+    pair.assert_identical()
+
+
+def test_application_writes_during_resync(make_pair):
+    """A writer hammers files (some being resynchronised) all through the resync; at
+    the end both copies are equal, and every write was acknowledged."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    os.makedirs(pair.primary.path("d"))
+    for i in range(40):
+        write(pair.primary.path("d", f"f{i}"), os.urandom(300_000))
+    write(pair.primary.path("hot"), os.urandom(6 << 20))
+    pair.replica.stop()
+    for i in range(0, 40, 3):
+        write(pair.primary.path("d", f"f{i}"), os.urandom(1000), "ab")
+    pair.mount_replica()
+    stop = threading.Event()
+    errors = []
+    counts = {"writes": 0}
+
+    def hammer():
+        n = 0
+        try:
+            fd = os.open(pair.primary.path("hot"), os.O_RDWR)
+            try:
+                while not stop.is_set() and n < 20000:
+                    off = (n * 65536 * 7) % (6 << 20)
+                    os.pwrite(fd, os.urandom(4096), off)
+                    if n % 10 == 0:
+                        os.fsync(fd)
+                    i = n % 40
+                    with open(pair.primary.path("d", f"f{i}"), "r+b") as f:
+                        f.seek((n * 4096) % 300_000)
+                        f.write(os.urandom(512))
+                    if n % 25 == 0:
+                        name = pair.primary.path("d", f"new{n}")
+                        write(name, os.urandom(2000))
+                        os.rename(name, pair.primary.path(f"top{n}"))
+                    n += 1
+            finally:
+                os.close(fd)
+        except OSError as e:
+            errors.append(e)
+        counts["writes"] = n
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        reconnect(pair)
+        wait_resynced(pair)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+    assert counts["writes"] > 10
+    pair.assert_identical()
