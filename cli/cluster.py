@@ -78,6 +78,19 @@ def _status_line(s: dict) -> str:
             f"{s.get('reason', '')}{tail}")
 
 
+def _resync_line(rs: dict) -> str:
+    mib = 1 << 20
+    line = (f"resync: {rs['state']}, {rs['items_done']}/{rs['items_total']} items, "
+            f"{rs['bytes_done'] / mib:.1f}/{rs['bytes_total'] / mib:.1f} MiB compared, "
+            f"{rs['bytes_sent'] / mib:.1f} MiB sent")
+    if rs.get("running"):
+        line += (f", {rs['remaining_bytes'] / mib:.1f} MiB to go at "
+                 f"{rs['rate_bps'] / mib:.1f} MiB/s, ETA {rs['eta_s'] or 0:.0f} s")
+    if rs.get("errors"):
+        line += f" (last error: {rs['errors'][-1]})"
+    return line
+
+
 def register(cli: click.Group) -> None:
     """Add the cluster commands to the `fusemirror` group."""
 
@@ -180,6 +193,9 @@ def register(cli: click.Group) -> None:
             r = answer["replication"]
             click.echo(f"replication: {r['ops']} operations, {r['bytes']} bytes sent, "
                        f"{r['in_flight']} in flight (lag), {r['applied']} applied here")
+            rs = r.get("resync")
+            if rs:
+                click.echo(_resync_line(rs))
             for f in answer["folders"]:
                 link = f["link"] or ("connected" if f["replica_connected"] else "-")
                 click.echo(f"  {f['mountpoint']}: {f['role'] or 'NO AGENT'}, link {link}"

@@ -89,6 +89,21 @@ class FolderAgent:
     def uptodate(self) -> bool:
         return bool(self.status is None or self.status["state"].get("uptodate", True))
 
+    @property
+    def resync(self) -> dict | None:
+        """The primary's side: progress of the running or last resynchronisation."""
+        return self.status and self.status.get("resync")
+
+    @property
+    def replica_resyncing(self) -> bool:
+        r = self.status and self.status.get("replica")
+        return bool(r and r.get("resyncing"))
+
+    @property
+    def resynced_at(self) -> float:
+        """The replica's side: when a resynchronisation last made this copy up to date."""
+        return float(self.status["state"].get("resynced_at", 0)) if self.status else 0.0
+
 
 @dataclass
 class Agents:
@@ -152,6 +167,25 @@ class Agents:
                 total["applied"] += r.get("ops", 0)
         return total
 
+    def resync_progress(self) -> dict | None:
+        """The primary's resynchronisations summed over the folders; None when none ran."""
+        runs = [fa.resync for fa in self.folders if fa.resync]
+        if not runs:
+            return None
+        total = {k: sum(r.get(k) or 0 for r in runs)
+                 for k in ("items_total", "items_done", "bytes_total", "bytes_done",
+                           "bytes_sent", "rate_bps")}
+        states = {r.get("state") for r in runs}
+        total["state"] = next((s for s in ("failed", "copying", "finishing", "starting")
+                               if s in states), "done")
+        total["running"] = any(r.get("state") in ("starting", "copying", "finishing")
+                               for r in runs)
+        total["remaining_bytes"] = (max(total["bytes_total"] - total["bytes_done"], 0)
+                                    if total["running"] else 0)
+        total["eta_s"] = max((r.get("eta_s") or 0 for r in runs), default=0)
+        total["errors"] = [r["error"] for r in runs if r.get("error")]
+        return total
+
     # -- roles ---------------------------------------------------------------------------
 
     async def set_role(self, role: str, *, policy: str = "block", peer_lost: bool = False,
@@ -163,7 +197,7 @@ class Agents:
 
         async def one(fa: FolderAgent) -> None:
             if (fa.status is not None and fa.role == role and not peer_lost and not fence
-                    and (role != PRIMARY or (fa.link == "connected"
+                    and (role != PRIMARY or (fa.link in ("connected", "resync")
                                              and fa.status.get("policy") == policy))):
                 return
             req = {"cmd": "role", "role": role, "policy": policy, "peer_lost": peer_lost,

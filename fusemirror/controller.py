@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 
 import trio
@@ -44,6 +45,7 @@ START_WAIT = 5.0             # a starting node waits this long to hear its peer
 COMMAND_TIMEOUT = 30.0       # an admin command not decided by then is answered "busy"
 LIVENESS_LIMIT = 10.0        # /liveness fails when the loop made no progress for this long
 ANNOUNCE_INTERVAL = 0.2       # seconds between gratuitous ARP rounds after a takeover
+RESYNC_RETRY = 3.0           # seconds between two attempts to resynchronise the SECOND
 
 
 SOCKET_SUFFIX = ".ctl.sock"
@@ -151,6 +153,7 @@ class Controller:
         self._acks = self._applied = 0
         self._link_down_since: float | None = None
         self._reviving = False
+        self._resync_tried = -RESYNC_RETRY
         self.decisions = 0
         self.transitions: dict[str, int] = {}
 
@@ -324,7 +327,8 @@ class Controller:
                     running=self.running, script_failure=self.script_failure,
                     app_running=True, checkers=checkers,
                     restarts_in_window=self.restarts.count(now),
-                    mounts_ok=self.agents.healthy(), resync_running=False,
+                    mounts_ok=self.agents.healthy(),
+                    resync_running=any(fa.replica_resyncing for fa in self.agents.folders),
                     mirror_exact=exact, link_lost=link_lost)
 
     def _me(self) -> NodeStatus:
@@ -349,6 +353,14 @@ class Controller:
             log.warning("this copy is now out of date: %s", why)
             me = replace(me, uptodate=False)
         connected = all(fa.replica_connected for fa in folders)
+        since = self.store.get("outdated_at", 0.0)
+        if (not me.uptodate and p.replicating and not p.diverged and connected
+                and self.agents.healthy() and all(fa.uptodate and fa.resynced_at > since
+                                                  for fa in folders)):
+            # Every agent was resynchronised by this primary since the copy went out of date.
+            await self._persist(uptodate=True, epoch=p.epoch, last_primary=p.last_primary)
+            log.info("this copy is up to date again: resynchronised from %s", p.name)
+            me = replace(me, uptodate=True, epoch=p.epoch, last_primary=p.last_primary)
         exact = me.uptodate and p.replicating and connected and self.agents.healthy()
         if exact and (me.epoch, me.last_primary) != (p.epoch, p.last_primary):
             await self._persist(epoch=p.epoch, last_primary=p.last_primary)
@@ -437,6 +449,8 @@ class Controller:
                 self._deadline_sent = deadline
 
     async def _persist(self, **values) -> None:
+        if values.get("uptodate") is False and self.store.get("uptodate"):
+            values["outdated_at"] = time.time()     # a resync must be later than this
         await trio.to_thread.run_sync(lambda: self.store.update(**values))
 
     async def _revive(self) -> None:
@@ -497,6 +511,9 @@ class Controller:
         if state in (State.STOP, State.WAIT, State.SECOND):
             if any(fa.role != REPLICA for fa in folders):
                 self._start_transition(f"agents to {REPLICA}", self._agents_to(REPLICA))
+        elif (state is State.PRIM and not self.replicating and p is not None
+                and p.state is State.SECOND and not p.busy):
+            self._resync_or_replicate(folders)
         elif self.replicating and p is not None and p.state in (State.WAIT, State.SECOND):
             if any(fa.role != PRIMARY for fa in folders):
                 self._start_transition("agents to primary", self._connect_agents())
@@ -509,6 +526,28 @@ class Controller:
                 log.warning("%s is no longer heard as WAIT or SECOND: going on alone",
                             self.peer_node.name)
             self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
+
+    def _resync_or_replicate(self, folders) -> None:
+        """PRIM whose SECOND is out of date: the agents resynchronise it (going on alone
+        meanwhile); once every link is connected, replication is synchronous again."""
+        links = [fa.link for fa in folders]
+        if all(fa.role == PRIMARY for fa in folders) and all(k == "connected" for k in links):
+            log.info("%s is up to date: replicating to it", self.peer_node.name)
+            self._start_transition("replicating", self._connect_agents())
+        elif any(k not in ("resync", "connected") or fa.role != PRIMARY
+                 for k, fa in zip(links, folders)):
+            now = trio.current_time()
+            if now - self._resync_tried < RESYNC_RETRY:
+                return
+            self._resync_tried = now
+            log.info("resynchronising %s (links: %s)", self.peer_node.name, links)
+            self._start_transition("resync", self._start_resync())
+
+    async def _start_resync(self) -> None:
+        errors = await self.agents.set_role(PRIMARY, policy="alone")
+        if errors:
+            log.warning("cannot resynchronise %s (%s); trying again in %g s",
+                        self.peer_node.name, "; ".join(errors), RESYNC_RETRY)
 
     def _start_transition(self, name: str, coro) -> None:
         self.running = name

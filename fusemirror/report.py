@@ -26,7 +26,7 @@ def state_report(c) -> dict:
         "module": c.config.module, "node": c.node.name, "me": me, "peer": peer,
         "replication": {"ops": stats["ops"], "bytes": stats["bytes"],
                         "in_flight": stats["in_flight"], "applied": stats["applied"],
-                        "resync": None},
+                        "resync": c.agents.resync_progress()},
         "folders": [{"mountpoint": fa.mountpoint, "pid": (fa.status or {}).get("pid"),
                      "role": fa.role, "link": fa.link,
                      "replica_connected": fa.replica_connected,
@@ -85,8 +85,15 @@ def metrics_page(c) -> str:
         page.histogram("fusemirror_replication_latency_seconds",
                        "Time from sending an operation to its acknowledgement by the peer",
                        hist, labels)
-    page.gauge("fusemirror_resync_remaining_bytes", "Bytes left to resynchronise (0: none "
-               "running)", 0, labels)
+    resync = c.agents.resync_progress() or {}
+    page.gauge("fusemirror_resync_running", "1 while this primary resynchronises its SECOND",
+               int(bool(resync.get("running"))), labels)
+    page.gauge("fusemirror_resync_remaining_bytes", "Bytes left to compare in the running "
+               "resynchronisation (0: none running)", resync.get("remaining_bytes", 0), labels)
+    page.gauge("fusemirror_resync_sent_bytes", "Bytes of file data sent by the running or last "
+               "resynchronisation", resync.get("bytes_sent", 0), labels)
+    page.gauge("fusemirror_resync_rate_bytes_per_second", "Comparison rate of the running or "
+               "last resynchronisation", resync.get("rate_bps", 0), labels)
     for p in c.heartbeats.paths():
         net = {**labels, "network": str(p.index), "peer": p.peer}
         page.gauge("fusemirror_heartbeat_up", "1 while heartbeats arrive on this network",

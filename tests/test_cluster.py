@@ -101,6 +101,12 @@ def test_a_pair_elects_a_primary_and_replicates_through_the_vip(cluster):
     assert json.loads(_http(c, "beta", "/state")[1])["me"]["state"] == "SECOND"
 
 
+def _verify(c, node: str) -> None:
+    """`fusemirror verify` through node's agent finds the two copies identical."""
+    assert control.request(os.path.realpath(c.folder(node)), {"cmd": "verify"},
+                           timeout=60, run_dir=c.run_dir)["differences"] == []
+
+
 def test_kill_9_of_the_primary_fails_over_without_losing_a_record(cluster):
     c = cluster()
     _pair(c)
@@ -118,14 +124,22 @@ def test_kill_9_of_the_primary_fails_over_without_losing_a_record(cluster):
     assert any(e["mono"] > killed_at + took for e in C.acknowledged(entries))
     assert c.has_vip("beta")
 
-    # alpha comes back: it cleans up (application, VIP) and follows beta, out of date
+    # alpha comes back: it cleans up (application, VIP), follows beta, is resynchronised
+    # while the application writes, and becomes a Ready SECOND
     c.start("alpha")
-    me = c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=30)
-    assert not me["uptodate"] and "resynchronisation" in me["reason"]
+    writer, log = c.client(duration=6)
+    me = c.wait_state("alpha", "SECOND", readiness="Ready", timeout=40)
+    assert me["uptodate"] and me["epoch"] == 2, me
     assert not c.has_vip("alpha")
     assert c.app_pid("alpha") is None
-    c.wait_state("beta", "PRIM", timeout=10)
-    assert c.state("beta")["me"]["epoch"] == 2
+    full = c.state("beta")
+    assert full["me"]["state"] == "PRIM" and full["me"]["epoch"] == 2
+    assert full["replication"]["resync"]["state"] == "done", full["replication"]
+    assert writer.wait(timeout=30) == 0
+    assert not _lost(c, log)[1]
+    _verify(c, "beta")
+    with open(c.daemon_log("alpha")) as f:
+        assert "this copy is up to date again: resynchronised from beta" in f.read()
 
 
 def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(cluster):
@@ -143,10 +157,10 @@ def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(
     acked, lost = _lost(c, log)
     assert acked and not lost
     c.lab.link_up("alpha", side="bridge")
-    # healed: one primary, the other follows (out of date: beta wrote without it)
-    me = c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
-    assert "out of date" in me["reason"]
+    # healed: one primary, the other follows (resynchronised: beta wrote without it)
+    c.wait_state("alpha", "SECOND", readiness="Ready", timeout=30)
     c.wait_state("beta", "PRIM", timeout=20)
+    _verify(c, "beta")
     with open(c.daemon_log("beta")) as f:
         assert "the peer is heard again: announcing the virtual IP" in f.read()
     full = c.state("beta")
@@ -486,8 +500,10 @@ def test_kill_9_of_the_second_lets_the_primary_go_on_alone(cluster):
     assert C.longest_outage(entries, include_open=True) < 4, C.outages(entries)
     assert me["diverged"] is True           # it acknowledged writes that beta lacks
     c.start("beta")
-    me = c.wait_state("beta", "SECOND", readiness="NotReady", timeout=30)
-    assert not me["uptodate"]
+    me = c.wait_state("beta", "SECOND", readiness="Ready", timeout=40)
+    assert me["uptodate"]
+    assert c.wait_state("alpha", "PRIM")["diverged"] is False
+    _verify(c, "alpha")
 
 
 def test_losing_one_of_two_networks_is_not_a_failover(cluster):
