@@ -25,7 +25,7 @@ from . import protocol as P
 from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
 from .mirror import Mirror, PeerError, PeerUnreachable, Policy
 from .replica import ReplicaServer
-from .resync import CHUNK, Resync, ResyncFailed
+from .resync import BLOCK, Resync, ResyncFailed
 from .statefile import DEFAULT_DIR, StateFile
 from .tree import Tree
 from .wire import HandshakeRefused
@@ -47,7 +47,7 @@ class Options:
     cache_timeout: float = 10.0
     compress: bool = True
     versions: tuple[int, int] = (P.PROTOCOL_MIN, P.PROTOCOL_MAX)
-    resync_chunk: int = CHUNK             # bytes per compared chunk
+    resync_block: int = BLOCK             # bytes per compared block
     resync_rate: int = 0                  # bytes per second of resynchronised data; 0: no cap
 
 
@@ -203,7 +203,7 @@ class Agent:
 
     async def _resync(self, mirror: Mirror, scope: trio.CancelScope) -> None:
         with scope:
-            r = self.resync = Resync(self.fs, mirror, chunk=self.o.resync_chunk,
+            r = self.resync = Resync(self.fs, mirror, block=self.o.resync_block,
                                      rate=self.o.resync_rate)
             self.resync_error = None
             try:

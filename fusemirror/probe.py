@@ -7,7 +7,7 @@ primary compares the two descriptions and sends only what differs.
 A description is a JSON object: exists, type (S_IFMT), mode (permission bits),
 uid, gid, size, mtime (ns), ino, nlink, rdev, target (symlinks, hex), xattrs
 (name -> value, hex; not for symlinks), and on request the entries of a directory
-(see _entries) or the xxh3-64 of every chunk of a file.
+(see _entries) or the xxh3-64 of every chunk of a file (of `block` bytes each).
 """
 
 from __future__ import annotations
@@ -40,25 +40,34 @@ def xattrs_of(fd: int) -> dict:
     return out
 
 
-def chunk_hashes(fd: int, chunk: int) -> list[int]:
-    """xxh3-64 of each chunk of the file behind fd (O_PATH is fine), read chunk by chunk."""
+_READ = 1 << 20
+
+
+def chunk_hashes(fd: int, block: int) -> list[int]:
+    """xxh3-64 of each block of the file behind fd (O_PATH is fine), read 1 MiB at a time."""
     rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
     try:
         out = []
+        step = max(block, _READ - _READ % block)
         off = 0
         while True:
-            data = os.pread(rfd, chunk, off)
+            data = os.pread(rfd, step, off)
             if not data:
                 return out
-            out.append(xxhash.xxh3_64_intdigest(data))
+            view = memoryview(data)
+            out += [xxhash.xxh3_64_intdigest(view[i:i + block])
+                    for i in range(0, len(view), block)]
             off += len(data)
     finally:
         os.close(rfd)
 
 
-def _entries(fd: int, what: int, chunk: int) -> list:
+SMALL = 1 << 20     # files up to this size have their hashes in their directory's entries
+
+
+def _entries(fd: int, what: int, block: int) -> list:
     """[name hex, type, ino, nlink, target hex or rdev, mode, uid, gid, mtime, size,
-    chunk hashes (files of at most one chunk, with HASHES) or None, xattrs or None]"""
+    block hashes (files of at most SMALL bytes, with HASHES) or None, xattrs or None]"""
     rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         out = []
@@ -71,8 +80,8 @@ def _entries(fd: int, what: int, chunk: int) -> list:
                 st = os.fstat(nfd)
                 link = stat.S_ISLNK(st.st_mode)
                 extra = os.readlink(b"", dir_fd=nfd).hex() if link else st.st_rdev
-                hashes = (chunk_hashes(nfd, chunk) if what & HASHES and stat.S_ISREG(st.st_mode)
-                          and st.st_size <= chunk else None)
+                hashes = (chunk_hashes(nfd, block) if what & HASHES and stat.S_ISREG(st.st_mode)
+                          and st.st_size <= SMALL else None)
                 out.append([name.hex(), stat.S_IFMT(st.st_mode), st.st_ino, st.st_nlink, extra,
                             stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                             st.st_size, hashes, None if link else xattrs_of(nfd)])
@@ -83,7 +92,7 @@ def _entries(fd: int, what: int, chunk: int) -> list:
         os.close(rfd)
 
 
-def describe_fd(fd: int, what: int = 0, chunk: int = 1 << 20) -> dict:
+def describe_fd(fd: int, what: int = 0, block: int = 1 << 15) -> dict:
     """Describe the node behind fd (an O_PATH, O_NOFOLLOW descriptor)."""
     st = os.fstat(fd)
     d = {"exists": True, "type": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
@@ -94,13 +103,13 @@ def describe_fd(fd: int, what: int = 0, chunk: int = 1 << 20) -> dict:
     else:
         d["xattrs"] = xattrs_of(fd)
     if what & ENTRIES and stat.S_ISDIR(st.st_mode):
-        d["entries"] = _entries(fd, what, chunk)
+        d["entries"] = _entries(fd, what, block)
     if what & HASHES and stat.S_ISREG(st.st_mode):
-        d["hashes"] = chunk_hashes(fd, chunk)
+        d["hashes"] = chunk_hashes(fd, block)
     return d
 
 
-def describe(root_fd: int, path: bytes, what: int = 0, chunk: int = 1 << 20) -> dict:
+def describe(root_fd: int, path: bytes, what: int = 0, block: int = 1 << 15) -> dict:
     """Describe the node at path beneath root_fd; {"exists": False} when there is none."""
     try:
         fd = sysops.open_beneath(root_fd, path, os.O_PATH | os.O_NOFOLLOW)
@@ -109,7 +118,7 @@ def describe(root_fd: int, path: bytes, what: int = 0, chunk: int = 1 << 20) -> 
             return {"exists": False}    # a symlink or a file where a directory should be
         raise
     try:
-        return describe_fd(fd, what, chunk)
+        return describe_fd(fd, what, block)
     finally:
         os.close(fd)
 

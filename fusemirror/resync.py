@@ -46,7 +46,8 @@ from .tree import NoSuchInode
 log = logging.getLogger(__name__)
 K = P.Kind
 
-CHUNK = 1 << 20
+BLOCK = 32 << 10            # the unit compared by hash, and sent when it differs
+PUT_MAX = 1 << 20           # differing neighbour blocks go in one PUT up to this size
 _HANDLES = 1 << 62          # handles the resync itself opens on the peer
 _ENGINE = -1                # TOUCHED marker of the resync's own operations
 MAX_ATTEMPTS = 5            # an item that keeps failing ends the attempt
@@ -75,6 +76,21 @@ def _entry_desc(e: list) -> dict:
     return d
 
 
+def _runs(mine: list[int], theirs: list[int], block: int) -> list[tuple[int, int]]:
+    """(offset, length) of the byte ranges whose blocks differ, neighbours merged up to
+    PUT_MAX bytes (the last block may be short: the read stops at the end)."""
+    runs: list[list[int]] = []
+    for i, h in enumerate(mine):
+        if i < len(theirs) and theirs[i] == h:
+            continue
+        off = i * block
+        if runs and runs[-1][0] + runs[-1][1] == off and runs[-1][1] + block <= PUT_MAX:
+            runs[-1][1] += block
+        else:
+            runs.append([off, block])
+    return [(off, length) for off, length in runs]
+
+
 def _count(root_fd: int) -> tuple[int, int]:
     """Items and bytes of regular files under root_fd (for progress)."""
     items = size = 0
@@ -95,9 +111,9 @@ def _count(root_fd: int) -> tuple[int, int]:
 
 
 class Resync:
-    def __init__(self, fs, mirror, *, chunk: int = CHUNK, rate: int = 0):
+    def __init__(self, fs, mirror, *, block: int = BLOCK, rate: int = 0):
         self.fs, self.mirror, self.tree = fs, mirror, fs.tree
-        self.chunk = chunk
+        self.block = block
         self.rate = rate                  # bytes per second of chunk data; 0: no cap
         self.done: set[int] = set()
         self.queue: collections.deque[tuple[int, int]] = collections.deque()   # (fd, ino)
@@ -252,7 +268,7 @@ class Resync:
             raise ResyncFailed(f"an item could not be named for {kind.name}")
 
     async def _probe(self, path, what: int) -> dict:
-        p = await self.mirror.begin(K.PROBE, dict(what=what, chunk=self.chunk, path=path),
+        p = await self.mirror.begin(K.PROBE, dict(what=what, chunk=self.block, path=path),
                                     patient=True)
         if p is None:
             self._check()
@@ -322,7 +338,7 @@ class Resync:
                 return []
             theirs = await self._probe(self._at(dfd), probe.ENTRIES | probe.HASHES)
             ours = await trio.to_thread.run_sync(probe.describe_fd, dfd, probe.ENTRIES,
-                                                 self.chunk)
+                                                 self.block)
             if not theirs["exists"] or theirs["type"] != stat.S_IFDIR:
                 self._requeue_parent(dfd)
                 return []
@@ -346,7 +362,7 @@ class Resync:
                 elif e[_INO] in self.done:
                     continue                # another link of a file handled already
                 elif r is None or (e[_TYPE] == stat.S_IFREG and (
-                        e[_SIZE] > self.chunk or _HASHES >= len(r) or r[_HASHES] is None)):
+                        e[_SIZE] > probe.SMALL or r[_HASHES] is None)):
                     visit.append(name)
                 else:
                     await self._small(dfd, name, e[_INO], _entry_desc(r))
@@ -445,14 +461,20 @@ class Resync:
             except FileNotFoundError:
                 return                      # removed: nothing to copy
             st = os.fstat(fd)
-            big = stat.S_ISREG(st.st_mode) and st.st_size > self.chunk
             what = probe.HASHES if stat.S_ISREG(st.st_mode) else 0
-            if big:
-                ours = await trio.to_thread.run_sync(probe.describe_fd, fd, what, self.chunk)
-            else:
-                ours = probe.describe_fd(fd, what, self.chunk)
             if theirs is None or "hashes" not in theirs and what:
-                theirs = await self._probe(self._at(fd), what)
+                # Both copies are hashed at the same time, here in a thread.
+                got = {}
+
+                async def peer():
+                    got["theirs"] = await self._probe(self._at(fd), what)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer)
+                    ours = await trio.to_thread.run_sync(probe.describe_fd, fd, what,
+                                                         self.block)
+                theirs = got["theirs"]
+            else:
+                ours = probe.describe_fd(fd, what, self.block)
             if not theirs["exists"] or theirs["type"] != ours["type"]:
                 self._requeue_parent(fd)
                 return
@@ -465,19 +487,17 @@ class Resync:
         self._forget_lock(ino)
 
     async def _send_chunks(self, fd: int, ours: dict, theirs: dict) -> None:
-        mine, peer = ours["hashes"], theirs.get("hashes") or []
-        todo = [i for i, h in enumerate(mine) if i >= len(peer) or peer[i] != h]
-        if not todo:
+        runs = _runs(ours["hashes"], theirs.get("hashes") or [], self.block)
+        if not runs:
             return
         rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for i in todo:
-                if ours["size"] > self.chunk:
-                    data = await trio.to_thread.run_sync(os.pread, rfd, self.chunk,
-                                                         i * self.chunk)
+            for off, length in runs:
+                if length > probe.SMALL // 4:
+                    data = await trio.to_thread.run_sync(os.pread, rfd, length, off)
                 else:
-                    data = os.pread(rfd, self.chunk, i * self.chunk)
-                await self._op(K.PUT, dict(offset=i * self.chunk, path=self._at(fd), data=data),
+                    data = os.pread(rfd, length, off)
+                await self._op(K.PUT, dict(offset=off, path=self._at(fd), data=data),
                                compress=True)
                 await self._pace(len(data))
         finally:

@@ -151,7 +151,7 @@ def test_full_resync_sends_only_differing_chunks(make_pair):
     wait_resynced(pair)
     pair.assert_identical()
     sent = pair.primary.status()["resync"]["bytes_sent"]
-    assert sent == 3 << 20, sent           # three 1 MiB chunks, nothing else
+    assert sent == 3 * 32 << 10, sent      # three 32 KiB blocks, nothing else
 
 
 def test_admin_resync_repairs_a_damaged_replica(pair):
