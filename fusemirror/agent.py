@@ -167,18 +167,18 @@ class Agent:
                                        f"--on-peer-loss block nothing could be written")
         return mirror
 
-    async def _switch_to_primary(self, peer) -> None:
-        """The old link (if any) stays until the new one works."""
+    async def _connect_new_primary(self, peer) -> Mirror:
+        """A new link to peer; the old link (if any) stays in use until it is adopted."""
         old = self.mirror
         if old is not None:
             old.retire()
         try:
-            mirror = await self._connect_primary(peer)
-        except X.Failure:
+            return await self._connect_primary(peer)
+        except X.Failure as e:
             if old is not None:
                 old.retire(False)
+            log.error("role change to primary failed, staying %s: %s", self.fs.role, e)
             raise
-        await self._adopt_primary(mirror)
 
     async def _adopt_primary(self, mirror: Mirror) -> None:
         await self._stop_replica()
@@ -301,6 +301,13 @@ class Agent:
                 self.o.policy = policy
                 if self.mirror is not None:
                     self.mirror.policy = policy
+            keep = (old == PRIMARY and peer == self.o.peer and self.mirror is not None
+                    and self.mirror.link.value in ("connected", "resync"))
+            new_link = None
+            if role == PRIMARY and not keep and not fence:
+                # Connecting may take the whole timeout (an unreachable peer): done before
+                # the changes are held, so the application only waits for the switch itself.
+                new_link = await self._connect_new_primary(peer)
             self.fs.pause()
             try:
                 if self.mirror is not None and fence:
@@ -312,9 +319,9 @@ class Agent:
                     with trio.move_on_after(self.o.timeout):
                         await self.mirror.drain()
                 if role == PRIMARY:
-                    if not (old == PRIMARY and peer == self.o.peer and self.mirror is not None
-                            and self.mirror.link.value in ("connected", "resync")):
-                        await self._switch_to_primary(peer)
+                    if new_link is not None:
+                        await self._adopt_primary(new_link)
+                        new_link = None
                 elif role == REPLICA:
                     if old == REPLICA and listen == self.o.listen:
                         pass                      # already listening there
@@ -331,6 +338,8 @@ class Agent:
                 raise
             finally:
                 self.fs.resume()
+                if new_link is not None:          # not adopted (another step failed)
+                    await new_link.close(drain=False)
             self.o.peer, self.o.listen = peer, listen
             log.info("role %s -> %s", old, role)
 

@@ -652,7 +652,8 @@ def test_lease_mode_a_frozen_primary_acknowledges_nothing_when_it_wakes_up(clust
     assert acked and acked <= on_beta, sorted(acked - on_beta)
     late = [t for t in _acks(local_log) if t > frozen + 1.0]
     assert not late, f"alpha acknowledged {len(late)} writes well after it was frozen"
-    c.wait_state("alpha", "SECOND", readiness="NotReady", timeout=20)
+    c.wait_state("alpha", "SECOND", readiness="Ready", timeout=30)    # once resynchronised
+    _verify(c, "beta")
 
 
 def test_lease_mode_without_the_witness_keeps_the_primary_but_nobody_takes_over(cluster):
