@@ -61,6 +61,8 @@ def _answer(fn):
 
     @functools.wraps(fn)
     async def handler(self, *args):
+        # Descriptors taken from self.tree stay open until this request ends.
+        req = self.tree.op_begin()
         try:
             result = await fn(self, *args)
             if change and self.past_deadline():
@@ -80,6 +82,8 @@ def _answer(fn):
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[:2])
             raise FUSEError(E.EIO) from None
+        finally:
+            self.tree.op_end(req)
     return handler
 
 

@@ -1,20 +1,45 @@
 """The backing tree: the real files under the mount, reached through descriptors.
 
 The mount agent opens the application folder before mounting over it and keeps
-that descriptor as the root. Every inode the kernel knows about is held as an
-O_PATH descriptor (so renames and hard links need no path bookkeeping) until the
+that descriptor as the root. Every inode the kernel knows about is reached through
+an O_PATH descriptor (so renames and hard links need no path bookkeeping) until the
 kernel forgets it. The FUSE inode number is the backing st_ino, except the root,
-which is pyfuse3.ROOT_INODE. Holding the descriptor keeps the backing inode
-alive, so its number cannot be reused while the kernel still knows it.
+which is pyfuse3.ROOT_INODE.
+
+The kernel may know far more inodes than a process may hold descriptors (a `find`
+over 50,000 files), so at most max_fds of them stay open, least recently used
+retired first. A retired inode keeps its file handle (name_to_handle_at(2)) and is
+reopened with open_by_handle_at(2) (root only: CAP_DAC_READ_SEARCH) when next used;
+if the file is gone meanwhile that fails with ESTALE. A retired descriptor is not
+closed at once if a request took it (fd() notes which request in progress took
+what; op_begin and op_end bracket each one): the request may use it after an await,
+and its number must not name another file by then. It waits in a graveyard until
+those requests have ended. So the graveyard holds only descriptors that requests in
+progress hold, a few each; a request waiting for the peer or the disk holds none,
+or just its parent directory's, and a `find` meanwhile retires and closes thousands.
+Inodes without a usable handle (a filesystem without export support, another mount
+under the folder) keep their descriptor as long as the kernel knows them.
+
+An open descriptor keeps its backing inode alive; a retired one does not, so the
+number of a deleted file may come back for a new one. So a retired inode looked up
+again keeps the new descriptor and forgets its handle, taken anew when it is next
+retired.
 
 Everything here raises OSError (or NoSuchInode); fs.py maps them to errno.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
+import resource
 import stat
+import struct
 
 import pyfuse3
 
@@ -29,6 +54,49 @@ _DELETED = b" (deleted)"
 STRIP_FLAGS = (os.O_APPEND | os.O_DIRECT | os.O_SYNC | os.O_DSYNC | os.O_NOCTTY | os.O_CREAT | os.O_EXCL
                | os.O_NOFOLLOW)  # the kernel resolved the name; /proc/self/fd links need following
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_PATH descriptors kept open at most; the environment variable FUSEMIRROR_MAX_FDS
+# overrides it (the tests use a small cap to retire descriptors early).
+MAX_FDS = 8192
+
+
+def default_max_fds() -> int:
+    """MAX_FDS or FUSEMIRROR_MAX_FDS, but at most half of what this process may open:
+    the rest is for open files, sockets and retired descriptors not closed yet."""
+    want = int(os.environ.get("FUSEMIRROR_MAX_FDS", MAX_FDS))
+    return max(1, min(want, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
+
+
+# --- file handles (struct file_handle: u32 handle_bytes, i32 handle_type, bytes) ----
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+MAX_HANDLE_SZ = 128
+
+
+def _error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def file_handle(fd: int) -> tuple[bytes, int]:
+    """The file handle of what fd refers to (any descriptor, O_PATH included), as the
+    bytes of a struct file_handle, and the id of the mount it was reached through."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    struct.pack_into("I", buf, 0, MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), sysops.AT_EMPTY_PATH):
+        raise _error("name_to_handle_at")
+    return buf.raw[:8 + struct.unpack_from("I", buf)[0]], mount_id.value
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open a file handle of the filesystem mount_fd (not O_PATH) is on; ESTALE when
+    that file no longer exists."""
+    fd = _libc.open_by_handle_at(mount_fd, handle, flags)
+    if fd < 0:
+        raise _error("open_by_handle_at")
+    return fd
 
 
 class NoSuchInode(Exception):
@@ -43,19 +111,34 @@ class NoName(FileNotFoundError):
 
 
 class _Node:
-    __slots__ = ("fd", "nlookup", "aliases", "is_dir")
+    __slots__ = ("fd", "handle", "pinned", "nlookup", "aliases", "is_dir")
 
     def __init__(self, fd: int, is_dir: bool):
-        self.fd = fd
+        self.fd: int | None = fd               # None: retired, reopened by handle when used
+        self.handle: bytes | None = None       # taken when the descriptor is retired
+        self.pinned = False                    # no usable handle: never retired
         self.nlookup = 0
         self.is_dir = is_dir
         self.aliases: set[tuple[int, bytes]] = set()
 
 
+class _Request:
+    """One request in progress, and the descriptors it took from the tree."""
+
+    __slots__ = ("tree", "fds", "reset")
+
+    def __init__(self, tree: Tree):
+        self.tree, self.fds, self.reset = tree, set(), None
+
+
+_request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
+    "fusemirror_tree_request", default=None)
+
+
 class Tree:
     """The inode table over one backing directory."""
 
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, max_fds: int | None = None):
         self.root_fd = root_fd
         st = os.fstat(root_fd)
         self.root_st_ino = st.st_ino
@@ -63,7 +146,31 @@ class Tree:
         self.root_path = os.fsencode(os.readlink(sysops.proc_path(root_fd)))
         root = _Node(root_fd, True)
         root.nlookup = 1
+        root.pinned = True
         self._nodes: dict[int, _Node] = {ROOT: root}
+        self.max_fds = default_max_fds() if max_fds is None else max_fds
+        # Inodes with a descriptor that may be retired, least recently used first.
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # Descriptors taken by requests in progress: fd -> how many requests took it.
+        self._held: dict[int, int] = {}
+        # Retired descriptors that requests in progress still hold.
+        self._graveyard: set[int] = set()
+        self._pin_logged = False
+        # open_by_handle_at wants a real descriptor on the filesystem, not an O_PATH one.
+        self._mount_fd: int | None = os.open(sysops.proc_path(root_fd),
+                                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mount_id = self._usable_mount_id()
+
+    def _usable_mount_id(self) -> int | None:
+        """The mount that handles must come from, or None when they cannot be used at
+        all (no export support, or no CAP_DAC_READ_SEARCH): then nothing is retired."""
+        try:
+            handle, mount_id = file_handle(self.root_fd)
+            os.close(open_by_handle(self._mount_fd, handle, O_PATH_FLAGS))
+        except OSError as e:
+            self._log_pinned(e.strerror)
+            return None
+        return mount_id
 
     # --- inode numbers -----------------------------------------------------
     def ino_of(self, st: os.stat_result) -> int:
@@ -73,13 +180,88 @@ class Tree:
         return ino in self._nodes
 
     def fd(self, ino: int) -> int:
-        try:
-            return self._nodes[ino].fd
-        except KeyError:
-            raise NoSuchInode(ino) from None
+        """An O_PATH descriptor on ino. It stays open until the request in progress
+        ends (op_end); outside a request, until the next call into the tree."""
+        node = self._nodes.get(ino)
+        if node is None:
+            raise NoSuchInode(ino)
+        if node.fd is None:
+            self._open(ino, node, open_by_handle(self._mount_fd, node.handle, O_PATH_FLAGS))
+        elif not node.pinned:
+            self._lru.move_to_end(ino)
+        fd = node.fd
+        req = _request.get()
+        if req is not None and req.tree is self and fd not in req.fds:
+            req.fds.add(fd)
+            self._held[fd] = self._held.get(fd, 0) + 1
+        return fd
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    # --- the bounded descriptor table --------------------------------------
+    def op_begin(self) -> _Request:
+        """A request starts in this task; pass what it returns to op_end."""
+        req = _Request(self)
+        req.reset = _request.set(req)
+        return req
+
+    def op_end(self, req: _Request) -> None:
+        _request.reset(req.reset)
+        for fd in req.fds:
+            n = self._held.pop(fd) - 1
+            if n:
+                self._held[fd] = n
+            elif fd in self._graveyard:
+                self._graveyard.remove(fd)
+                os.close(fd)
+
+    def _open(self, ino: int, node: _Node, fd: int) -> None:
+        node.fd = fd
+        if not node.pinned:
+            self._lru[ino] = None
+            self._trim()
+
+    def _trim(self) -> None:
+        """Retire the least recently used descriptors beyond max_fds."""
+        while len(self._lru) > self.max_fds:
+            ino, _ = self._lru.popitem(last=False)
+            node = self._nodes[ino]
+            if node.handle is None:
+                node.handle = self._handle(node.fd)
+                if node.handle is None:
+                    node.pinned = True
+                    continue
+            self._bury(node.fd)
+            node.fd = None
+
+    def _handle(self, fd: int) -> bytes | None:
+        """The handle that reopens what fd refers to, or None if there is none."""
+        if self._mount_id is None:
+            return None
+        try:
+            handle, mount_id = file_handle(fd)
+        except OSError as e:
+            self._log_pinned(e.strerror)
+            return None
+        if mount_id != self._mount_id:
+            self._log_pinned("another filesystem is mounted inside the folder")
+            return None
+        return handle
+
+    def _log_pinned(self, why: str) -> None:
+        if not self._pin_logged:
+            self._pin_logged = True
+            log.warning("%s: some inodes cannot be reopened by file handle (%s); they keep a "
+                        "descriptor open as long as the kernel knows them",
+                        os.fsdecode(self.root_path), why)
+
+    def _bury(self, fd: int) -> None:
+        """Close fd now, or when the last request that took it ends."""
+        if fd in self._held:
+            self._graveyard.add(fd)
+        else:
+            os.close(fd)
 
     # --- lookup counts -----------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> tuple[int, os.stat_result]:
@@ -99,12 +281,24 @@ class Tree:
         node = self._nodes.get(ino)
         if node is None:
             node = self._nodes[ino] = _Node(fd, stat.S_ISDIR(st.st_mode))
+            self._open(ino, node, fd)
+        elif node.fd is None:
+            self._revive(ino, node, fd, st)
         else:
             os.close(fd)
+            if not node.pinned:
+                self._lru.move_to_end(ino)
         node.nlookup += 1
         if not node.is_dir:
             node.aliases.add((parent, name))
         return ino
+
+    def _revive(self, ino: int, node: _Node, fd: int, st: os.stat_result) -> None:
+        """A retired inode is looked up again: keep this descriptor. Its number may
+        name a new file by now (the old one deleted): so the handle is taken again
+        at the next retirement, and the old file's aliases no longer pass _is."""
+        node.handle, node.is_dir = None, stat.S_ISDIR(st.st_mode)
+        self._open(ino, node, fd)
 
     def forget(self, ino: int, n: int) -> None:
         node = self._nodes.get(ino)
@@ -113,13 +307,23 @@ class Tree:
         node.nlookup -= n
         if node.nlookup <= 0:
             del self._nodes[ino]
-            os.close(node.fd)
+            self._lru.pop(ino, None)
+            if node.fd is not None:
+                self._bury(node.fd)
 
     def close(self) -> None:
-        for ino, node in list(self._nodes.items()):
-            if ino != ROOT:
+        """Close every descriptor but the root's (the caller's); no request runs."""
+        for ino, node in self._nodes.items():
+            if ino != ROOT and node.fd is not None:
                 os.close(node.fd)
+        for fd in self._graveyard:
+            os.close(fd)
+        self._graveyard.clear()
+        self._lru.clear()
         self._nodes = {ROOT: self._nodes[ROOT]}
+        if self._mount_fd is not None:
+            os.close(self._mount_fd)
+            self._mount_fd = self._mount_id = None
 
     # --- names -------------------------------------------------------------
     def moved(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes] | None) -> None:
@@ -135,17 +339,26 @@ class Tree:
         """The path of ino relative to the root (b"." for the root itself), as the
         replica resolves it. Directories have exactly one; for a file, one of its
         names that still exists. Raises NoName when it has none (an unlinked open
-        file) and OSError(ENAMETOOLONG) beyond PATH_MAX."""
+        file, or one gone since its descriptor was retired) and OSError(ENAMETOOLONG)
+        beyond PATH_MAX."""
         if ino == ROOT:
             return b"."
         node = self._nodes.get(ino)
         if node is None:
             raise NoSuchInode(ino)
-        full = os.readlink(sysops.proc_path(node.fd).encode())
+        try:
+            fd = self.fd(ino)
+        except OSError as e:
+            if e.errno == errno.ESTALE:
+                raise NoName(ino) from None
+            raise
+        # A file reopened by handle after its dentry left the cache reads as "/" (not
+        # under the root): then one of its aliases names it.
+        full = os.readlink(sysops.proc_path(fd).encode())
         if node.is_dir:
             # The kernel appends " (deleted)" to removed directories: a directory may
             # also really be called that, and then it still has links.
-            if full.endswith(_DELETED) and os.fstat(node.fd).st_nlink == 0:
+            if full.endswith(_DELETED) and os.fstat(fd).st_nlink == 0:
                 raise NoName(ino)
             rel = self._relative(full)
             if rel is None:
