@@ -213,11 +213,13 @@ def role(directory, role, peer, listen):
 
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-def resync(directory):
+@click.option("--full", is_flag=True, help="compare everything, not only what the journal "
+              "recorded (always so when the replica is up to date)")
+def resync(directory, full):
     """Compare the replica's copy of DIRECTORY with this primary's and fix every
     difference, online (the application keeps writing). Progress: fusemirror status."""
     path = resolve(directory)
-    ask(path, {"cmd": "resync"})
+    ask(path, {"cmd": "resync", "full": full})
     click.echo(f"{path}: resynchronisation started")
 
 

@@ -25,6 +25,7 @@ from . import protocol as P
 from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
 from .mirror import Mirror, PeerError, PeerUnreachable, Policy
 from .replica import ReplicaServer
+from .journal import Journal
 from .resync import BLOCK, Resync, ResyncFailed
 from .statefile import DEFAULT_DIR, StateFile
 from .tree import Tree
@@ -130,8 +131,18 @@ class Agent:
         self.socket_path = control.socket_path(o.mountpoint, o.run_dir)
         self.tree = Tree(self.root_fd)
         self.state = StateFile(o.state_dir, o.mountpoint)
+        self.journal = Journal(self.state.journal_path)
+        if self.state.get("acting_primary"):
+            # The last run died with changes in flight to its peer: neither copy can be
+            # trusted about them, so the next resynchronisation compares everything.
+            log.warning("the previous agent stopped while replicating as primary: the peer "
+                        "is out of date until a full resynchronisation")
+            self.state.mark_peer_outdated("the previous primary agent did not stop cleanly")
+            trio.run(self.journal.mark_everything)
         self.fs = MirrorFS(self.tree, self.state, role=ALONE, cache_timeout=o.cache_timeout,
                            compress=o.compress)
+        self.fs.journal = self.journal
+        self._full_next = False             # the admin asked for a full resynchronisation
         self.mirror: Mirror | None = None
         self.replica: ReplicaServer | None = None
         self._nursery: trio.Nursery | None = None
@@ -144,14 +155,18 @@ class Agent:
 
     # --- roles -----------------------------------------------------------------
     def _new_mirror(self, peer) -> Mirror:
-        return Mirror(peer, self.o.secret, self.state, policy=self.o.policy,
-                      timeout=self.o.timeout, label=os.fsencode(self.o.mountpoint),
-                      versions=self.o.versions, on_outdated=self.fs.journal_open_files)
+        m = Mirror(peer, self.o.secret, self.state, policy=self.o.policy,
+                   timeout=self.o.timeout, label=os.fsencode(self.o.mountpoint),
+                   versions=self.o.versions, on_outdated=self.fs.journal_open_files)
+        m.journal = self.journal
+        return m
 
     def _new_replica(self) -> ReplicaServer:
-        return ReplicaServer(self.root_fd, self.o.secret, self.state,
-                             invalidate=self._invalidate, manifest=self._manifest_bytes,
-                             versions=self.o.versions, timeout=self.o.timeout)
+        r = ReplicaServer(self.root_fd, self.o.secret, self.state,
+                          invalidate=self._invalidate, manifest=self._manifest_bytes,
+                          versions=self.o.versions, timeout=self.o.timeout)
+        r.on_resynced = self.journal.clear      # what it did as a primary no longer counts
+        return r
 
     async def _connect_primary(self, peer) -> Mirror:
         mirror = self._new_mirror(peer)
@@ -203,8 +218,10 @@ class Agent:
 
     async def _resync(self, mirror: Mirror, scope: trio.CancelScope) -> None:
         with scope:
+            dirty = None if self._full_next else self.journal.dirty.copy()
+            self._full_next = False
             r = self.resync = Resync(self.fs, mirror, block=self.o.resync_block,
-                                     rate=self.o.resync_rate)
+                                     rate=self.o.resync_rate, dirty=dirty)
             self.resync_error = None
             try:
                 await r.run()
@@ -220,8 +237,9 @@ class Agent:
             self._resync_scope = None
             await trio.sleep(0)             # let it release its locks and end the RESYNC link
 
-    async def start_resync(self) -> None:
-        """The admin's `resync`: the peer's copy is compared and fixed all over again."""
+    async def start_resync(self, full: bool = True) -> None:
+        """The admin's `resync`: the peer's copy is compared and fixed all over again
+        (full), or as far as the journal says (when it is already out of date)."""
         m = self.mirror
         if self.fs.role != PRIMARY or m is None:
             raise X.Failure(X.FAILED, f"resync runs on the primary; this mount is {self.fs.role}")
@@ -236,6 +254,7 @@ class Agent:
                                           "a resynchronisation was asked for")
         if m.link.value not in ("outdated", "connected"):
             raise X.Failure(X.PEER_UNREACHABLE, f"the link to the peer is {m.link.value}")
+        self._full_next = full or m.link.value == "connected"
         self._maybe_resync(m)
 
     async def _reopen_files(self, mirror: Mirror) -> None:
@@ -390,7 +409,7 @@ class Agent:
                 await self.drain()
                 return {"ok": True}
             if cmd == "resync":
-                await self.start_resync()
+                await self.start_resync(bool(req.get("full", True)))
                 return {"ok": True}
         except X.Failure as e:
             return {"ok": False, "error": str(e), "code": e.code}
@@ -479,6 +498,7 @@ class Agent:
                 log.debug("pyfuse3.close: %s", e)
             self._mounted = False
         self.tree.close()
+        self.journal.close()
         self.state.close()
 
 

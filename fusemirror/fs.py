@@ -17,6 +17,7 @@ and xattr changes are applied here first, then replicated with their results.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno as E
 import functools
 import logging
@@ -145,14 +146,19 @@ class _Items:
     changes are in the order they were applied here. Otherwise it only counts the
     change, so that a resync starts once the changes begun without locks are done."""
 
-    __slots__ = ("fs", "inos", "touch", "locks", "token")
+    __slots__ = ("fs", "inos", "touch", "extent", "wide", "locks", "token", "current")
 
-    def __init__(self, fs, inos: tuple, touch: tuple = ()):
+    def __init__(self, fs, inos: tuple, touch: tuple = (), extent=None, wide: bool = False):
         self.fs, self.inos, self.touch = fs, inos, touch
+        self.extent = extent        # (offset, length) written in the first item
+        self.wide = wide            # it may move a whole subtree or add a link: the journal
+        #                             then asks for a full resynchronisation
         self.locks = self.token = None
 
     async def __aenter__(self):
         fs = self.fs
+        self.current = _CHANGE.set(self)
+        self.token = TOUCHED.set(self.inos + self.touch)
         r = fs.resync
         if r is None:
             fs._unlocked += 1
@@ -169,21 +175,36 @@ class _Items:
             raise
         self.locks = taken
         r.touched(self.inos + self.touch)
-        self.token = TOUCHED.set(self.inos + self.touch)
 
     async def __aexit__(self, *exc):
         fs = self.fs
+        TOUCHED.reset(self.token)
+        _CHANGE.reset(self.current)
         if self.locks is None:
             fs._unlocked -= 1
             if not fs._unlocked:
                 fs._quiet.set()
             return
-        TOUCHED.reset(self.token)
         for lock in self.locks:
             lock.release()
 
+    async def journal(self, journal, created: set) -> None:
+        """Record durably what this change touches (before it is applied here): the
+        peer is out of date, or this change goes on without it."""
+        if self.wide:
+            await journal.mark_everything()
+            return
+        for i, ino in enumerate(self.inos + self.touch):
+            if ino in created:
+                continue            # new since the peer fell behind: sent whole, by name
+            if i == 0 and self.extent is not None:
+                await journal.mark_data(ino, *self.extent)
+            else:
+                await journal.mark_node(ino)
+
 
 _NOTHING = contextlib.nullcontext()
+_CHANGE: contextvars.ContextVar[_Items | None] = contextvars.ContextVar("change", default=None)
 
 
 class MirrorFS(pyfuse3.Operations):
@@ -212,11 +233,13 @@ class MirrorFS(pyfuse3.Operations):
         self.write_deadline: float | None = None
         self._deadline_moved = trio.Event()
         self.resync = None          # the Resync running, if any (see _Items)
+        self.journal = None         # what changed while the peer is out of date (journal.py)
+        self.created: set[int] = set()    # inodes created since the peer fell behind
         self._unlocked = 0          # changes in progress that took no resync lock
         self._quiet = trio.Event()
 
-    def _items(self, *inos, touch=()) -> _Items:
-        return _Items(self, inos, touch)
+    def _items(self, *inos, touch=(), extent=None, wide=False) -> _Items:
+        return _Items(self, inos, touch, extent, wide)
 
     async def start_resync(self, resync) -> None:
         """From now on changes take resync's item locks; returns once no change that
@@ -273,35 +296,33 @@ class MirrorFS(pyfuse3.Operations):
         return [(fh, f) for fh, f in self._files.items() if f.writable]
 
     def journal_open_files(self) -> None:
-        """The peer fell behind: every file open for writing may now change unseen."""
+        """The peer fell behind: files open for writing change without it from now on."""
+        self.created.clear()
         for fh, f in self.writable_files():
             f.replicated = False
-            self._alone_change("WRITE", self._path_or_empty(f.ino))
-
-    def _path_or_empty(self, ino: int) -> bytes:
-        """For the journal: a name, or b"" when there is none to record."""
-        try:
-            return self._name_of(ino) or b""
-        except (OSError, NoSuchInode):
-            return b""
 
     async def _may_change(self) -> bool:
-        """Before a change: True to replicate it, False to apply it alone (journaled)."""
+        """Before a change: True to replicate it, False to apply it alone. While the peer
+        is out of date (resynchronising included), what the change touches is journaled
+        first: a crash right after it is applied here must not lose the record."""
         await self._through_gate()
         if self.role == REPLICA:
             raise ReadOnly()
-        if self.role == ALONE or self.mirror is None:
-            return False
-        return await self.mirror.ready()
+        replicate = (self.role != ALONE and self.mirror is not None
+                     and await self.mirror.ready())
+        change = _CHANGE.get()
+        if (self.journal is not None and change is not None
+                and (not replicate or self.state.get("peer_outdated"))):
+            await change.journal(self.journal, self.created)
+        return replicate
 
-    async def _replicate(self, replicate: bool, kind: K, fields: dict, touched: bytes) -> None:
-        """Replicate a change already applied here (or journal it)."""
+    async def _replicate(self, replicate: bool, kind: K, fields: dict) -> None:
+        """Replicate a change already applied here."""
         p = await self.mirror.begin(kind, fields) if replicate else None
         if not await self._finish(p):
-            self._alone_change(kind.name, touched)
+            self._alone_change()
 
-    async def _both(self, replicate: bool, kind: K, fields: dict, touched: bytes, local,
-                    undo=()):
+    async def _both(self, replicate: bool, kind: K, fields: dict, local, undo=()):
         """Apply a change on the peer and here at the same time: send it, run local()
         (blocking, short), then wait for the peer. If it failed here but worked there,
         the peer is put back with the undo operations, or marked out of date."""
@@ -316,7 +337,7 @@ class MirrorFS(pyfuse3.Operations):
                                                      f"but not on the peer")
             raise
         if not await self._finish(p):
-            self._alone_change(kind.name, touched)
+            self._alone_change()
         return result
 
     async def _undo(self, mirror: Mirror, undo, reason: str) -> None:
@@ -328,18 +349,12 @@ class MirrorFS(pyfuse3.Operations):
         except PeerError:
             await mirror.diverged(reason)
 
-    def _alone_change(self, what: str, path) -> None:
-        """A change the peer does not get: its copy is out of date from now on. path is
-        bytes or a callable giving them."""
+    def _alone_change(self) -> None:
+        """A change the peer does not get (journaled in _may_change or by the mirror): its
+        copy is out of date from now on."""
         if not self.state.get("peer_outdated"):
             self.state.mark_peer_outdated(f"changed while {self.role} without the peer")
         self.state.mark_changed_alone()
-        if callable(path):
-            try:
-                path = path()
-            except (OSError, NoSuchInode):
-                path = b""
-        self.state.record_change(what, path)
 
     def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -357,13 +372,6 @@ class MirrorFS(pyfuse3.Operations):
         Callers also compute it once before changing anything here, so that a path that
         cannot be named (beyond PATH_MAX) fails the operation on both copies alike."""
         return lambda: self.tree.path(ino)
-
-    def _under(self, parent: int, name: bytes):
-        return lambda: self._child(parent, name)
-
-    def _child(self, parent: int, name: bytes) -> bytes:
-        base = self.tree.path(parent)
-        return name if base == b"." else base + b"/" + name
 
     # --- reading -------------------------------------------------------------
     @_answer
@@ -455,7 +463,7 @@ class MirrorFS(pyfuse3.Operations):
                 if writable and path is not None:
                     st = os.fstat(fd)
                     await self._replicate(replicate, K.OPEN, dict(
-                        handle=fh, flags=flags, mtime=st.st_mtime_ns, path=self._at(ino)), path)
+                        handle=fh, flags=flags, mtime=st.st_mtime_ns, path=self._at(ino)))
             except BaseException:
                 os.close(fd)
                 raise
@@ -481,7 +489,7 @@ class MirrorFS(pyfuse3.Operations):
                 return fd
             fd = await self._both(replicate, K.CREATE, dict(
                 handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
-                parent=self._at(parent), name=name), self._under(parent, name), local,
+                parent=self._at(parent), name=name), local,
                 undo=self._undo_new(K.UNLINK, dfd, parent, name, fh))
             try:
                 st = os.fstat(fd)
@@ -489,6 +497,8 @@ class MirrorFS(pyfuse3.Operations):
             except BaseException:
                 os.close(fd)
                 raise
+            if not replicate:
+                self.created.add(ino)       # the peer gets it whole, by name (see _Items)
             self._files[fh] = _File(fd, ino, True, replicate and self._linked())
             return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(ino, st)
 
@@ -504,7 +514,7 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def write(self, fh, off, buf):
         f = self._files[fh]
-        async with self._items(f.ino):
+        async with self._items(f.ino, extent=(off, len(buf))):
             replicate = await self._may_change()
             mtime = time.time_ns()
             p = None
@@ -522,7 +532,7 @@ class MirrorFS(pyfuse3.Operations):
             else:
                 if f.replicated:
                     f.replicated = False        # from now on this file changes without the peer
-                    self._alone_change("WRITE", self._path_or_empty(f.ino))
+                    self._alone_change()
                 local.run()
             await self._finish(p)
             if local.error is not None or local.written < len(buf):
@@ -629,8 +639,7 @@ class MirrorFS(pyfuse3.Operations):
                           is_symlink=stat.S_ISLNK(st.st_mode), **values)
             if handle or path is not None:
                 await self._replicate(replicate, K.SETATTR, dict(
-                    handle=handle, mask=mask, path=b"" if handle else self._at(ino), **values),
-                    path or b"")
+                    handle=handle, mask=mask, path=b"" if handle else self._at(ino), **values))
             return self._attr(ino, os.fstat(fd))
 
     def _handle_of(self, ino: int) -> int:
@@ -655,7 +664,7 @@ class MirrorFS(pyfuse3.Operations):
             os.setxattr(sysops.proc_path(self.tree.fd(ino)), name, value)
             if path is not None:
                 await self._replicate(replicate, K.SETXATTR, dict(
-                    path=self._at(ino), name=name, value=value), path)
+                    path=self._at(ino), name=name, value=value))
 
     @_answer
     async def removexattr(self, ino, name, ctx):
@@ -664,8 +673,8 @@ class MirrorFS(pyfuse3.Operations):
             path = self._name_of(ino)
             os.removexattr(sysops.proc_path(self.tree.fd(ino)), name)
             if path is not None:
-                await self._replicate(replicate, K.REMOVEXATTR, dict(path=self._at(ino), name=name),
-                                      path)
+                await self._replicate(replicate, K.REMOVEXATTR, dict(path=self._at(ino),
+                                                                     name=name))
 
     # --- changing the namespace ----------------------------------------------
     async def _new_node(self, parent, name, kind, ctx, *, mode=0, rdev=0, target=b""):
@@ -689,7 +698,7 @@ class MirrorFS(pyfuse3.Operations):
                 make_node(dfd, name, kind, mode=mode, rdev=rdev, target=target, uid=uid, gid=gid)
                 sysops.set_times(dfd, None, now, name)
                 sysops.set_times(dfd, None, now)
-            await self._both(replicate, op, fields, self._under(parent, name), local,
+            await self._both(replicate, op, fields, local,
                              undo=self._undo_new(undo, dfd, parent, name))
             ino, st = self.tree.lookup(parent, name)
             return self._attr(ino, st)
@@ -709,7 +718,7 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def link(self, ino, new_parent, new_name, ctx):
-        async with self._items(new_parent, touch=(ino,)):
+        async with self._items(new_parent, touch=(ino,), wide=True):
             replicate = await self._may_change()
             self.tree.path(ino), self.tree.path(new_parent)          # nameable, or fail now
             dfd, src = self.tree.fd(new_parent), self.tree.fd(ino)
@@ -720,8 +729,7 @@ class MirrorFS(pyfuse3.Operations):
                 sysops.set_times(dfd, None, now)
             await self._both(replicate, K.LINK, dict(
                 pmtime=now, source=self._at(ino), parent=self._at(new_parent), name=new_name),
-                self._under(new_parent, new_name), local,
-                undo=self._undo_new(K.UNLINK, dfd, new_parent, new_name))
+                local, undo=self._undo_new(K.UNLINK, dfd, new_parent, new_name))
             ino, st = self.tree.lookup(new_parent, new_name)
             return self._attr(ino, st)
 
@@ -737,7 +745,7 @@ class MirrorFS(pyfuse3.Operations):
                 (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
                 sysops.set_times(dfd, None, now)
             await self._both(replicate, kind, dict(pmtime=now, parent=self._at(parent), name=name),
-                             self._under(parent, name), local)
+                             local)
             self.tree.moved(self.tree.ino_of(st), (parent, name), None)
 
     @_answer
@@ -750,15 +758,19 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
-        replicate = await self._may_change()
         src, dst = self.tree.fd(parent_old), self.tree.fd(parent_new)
         self.tree.path(parent_old), self.tree.path(parent_new)    # nameable, or fail now
-        moved = self.tree.ino_of(os.stat(name_old, dir_fd=src, follow_symlinks=False))
+        st = os.stat(name_old, dir_fd=src, follow_symlinks=False)
+        moved = self.tree.ino_of(st)
         other = None
         if flags & sysops.RENAME_EXCHANGE:
-            other = self.tree.ino_of(os.stat(name_new, dir_fd=dst, follow_symlinks=False))
-        async with self._items(parent_old, parent_new,
+            ost = os.stat(name_new, dir_fd=dst, follow_symlinks=False)
+            other = self.tree.ino_of(ost)
+        # A directory moved while the peer is behind: its whole subtree is at stake.
+        wide = stat.S_ISDIR(st.st_mode) or (other is not None and stat.S_ISDIR(ost.st_mode))
+        async with self._items(parent_old, parent_new, wide=wide,
                                touch=(moved,) if other is None else (moved, other)):
+            replicate = await self._may_change()
             now = time.time_ns()
 
             def local():
@@ -767,8 +779,7 @@ class MirrorFS(pyfuse3.Operations):
                 sysops.set_times(dst, None, now)
             await self._both(replicate, K.RENAME, dict(
                 flags=flags, pmtime_old=now, pmtime_new=now, parent_old=self._at(parent_old),
-                name_old=name_old, parent_new=self._at(parent_new), name_new=name_new),
-                self._under(parent_new, name_new), local)
+                name_old=name_old, parent_new=self._at(parent_new), name_new=name_new), local)
         self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
         if other is not None:
             self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))

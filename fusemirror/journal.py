@@ -70,6 +70,10 @@ class Dirty:
     def __bool__(self) -> bool:
         return self.everything or bool(self.chunks) or bool(self.nodes)
 
+    def copy(self) -> Dirty:
+        return Dirty(self.everything, {ino: set(c) for ino, c in self.chunks.items()},
+                     set(self.nodes))
+
 
 def read(path: str, chunk_size: int = DEFAULT_CHUNK) -> Dirty:
     """What a journal file records (a missing file records nothing)."""

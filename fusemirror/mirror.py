@@ -46,8 +46,8 @@ RTT_BOUNDS_US = (100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 2
 _NOT_CHANGES = (P.Kind.PING, P.Kind.RELEASE, P.Kind.MANIFEST_REQ, P.Kind.PROBE)
 
 # The items (inode numbers) the change being sequenced touches, set by the caller around
-# begin() while a resynchronisation runs: if the peer cannot apply the change, they are
-# sent again (Mirror.on_failed).
+# begin(): if the peer loses or cannot apply the change, they are journaled; during a
+# resynchronisation, they are sent again (Mirror.on_failed).
 TOUCHED: contextvars.ContextVar[tuple] = contextvars.ContextVar("touched", default=())
 
 
@@ -74,7 +74,7 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete", "kind", "touched")
+                 "mirror", "complete", "kind", "touched", "resync")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -89,7 +89,8 @@ class Pending:
         self.sent = time.monotonic()
         self.patient = False     # exempt from the acknowledgement timeout (manifests)
         self.kind = None         # the operation's protocol kind
-        self.touched = None      # sent during a resynchronisation: the items it changes
+        self.touched = ()        # the items it changes (inode numbers)
+        self.resync = False      # sent during a resynchronisation
 
 
 class Mirror:
@@ -118,6 +119,7 @@ class Mirror:
         self._retiring = False
         self.on_failed = None            # resynchronisation: callable(touched) when the
         #                                  peer could not apply a change
+        self.journal = None              # journal.Journal: what the peer may lack
         self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0,
                       "rtt_sum_us": 0, "rtt_buckets": [0] * (len(RTT_BOUNDS_US) + 1)}
 
@@ -155,6 +157,7 @@ class Mirror:
             log.error("peer %s:%s is OUT OF DATE (%s): nothing is replicated until it is "
                       "resynchronised", *self.peer, reason)
         else:
+            await trio.to_thread.run_sync(self.state.mark_acting, True)
             self._set(Link.CONNECTED)
             log.info("replicating to %s:%s (session %016x, protocol %d)", *self.peer,
                      self.session, fs.version)
@@ -246,7 +249,10 @@ class Mirror:
         """The peer accepted RESYNC_DONE: its copy equals ours. Recorded before the link
         counts as connected, so that a later failure marks the peer out of date again."""
         try:
+            self.state.mark_acting(True)
             self.state.mark_peer_uptodate()
+            if self.journal is not None:
+                self.journal.clear()
         except OSError as e:
             log.error("cannot record that the peer is up to date (%s): it stays out of date", e)
             return
@@ -294,6 +300,8 @@ class Mirror:
         if self.link in (Link.OUTDATED, Link.RESYNC):
             log.warning("connection to out-of-date peer %s:%s lost: %s", *self.peer, reason)
             self._set(Link.CLOSED)
+            if self.on_outdated is not None:
+                self.on_outdated()
             self._release_all()
             return
         if self.policy == Policy.ALONE:
@@ -313,10 +321,25 @@ class Mirror:
         if self.link == Link.RECONNECTING or (self.link == Link.CONNECTED and self._pending):
             await self._outdate(reason)
 
+    async def _journal(self, pending) -> None:
+        """Journal the items of changes the peer may not have applied."""
+        if self.journal is None:
+            return
+        for p in pending:
+            if p.kind in (P.Kind.RENAME, P.Kind.LINK):
+                await self.journal.mark_everything()    # a subtree moved, or a link added
+            for ino in p.touched:
+                await self.journal.mark_node(ino)
+
     async def _outdate(self, reason: str) -> None:
-        """The peer's copy is no longer good: record it durably, then release waiters."""
+        """The peer's copy is no longer good: record it durably (and what it may lack),
+        then release waiters."""
         try:
+            await self._journal([p for p in self._pending.values()
+                                 if not p.patient and p.kind not in _NOT_CHANGES])
             await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
+            # what was in flight is journaled: a crash from now on loses no record of it
+            await trio.to_thread.run_sync(self.state.mark_acting, False)
             if self.policy == Policy.ALONE and any(
                     not p.patient and p.kind not in _NOT_CHANGES for p in self._pending.values()):
                 # what waits is acknowledged without the peer
@@ -439,8 +462,8 @@ class Mirror:
             seq = self._seq
             p = Pending(seq, prepared.stamp(seq), size, self)
             p.patient, p.kind = patient, kind
-            if self.link == Link.RESYNC:
-                p.touched = TOUCHED.get()
+            p.touched = TOUCHED.get()
+            p.resync = self.link == Link.RESYNC
             self._pending[seq] = p
             self.stats["ops"] += 1
             self.stats["bytes"] += prepared.length + P.HEADER_SIZE
@@ -471,13 +494,14 @@ class Mirror:
         if p is None:
             return False
         await p.done.wait()
-        if p.errno and p.touched is not None:
+        if p.errno and p.resync:
             # Resynchronising: the items it touched are sent again (see begin_resync),
             # and the peer counts as up to date only once they were.
             log.debug("peer could not apply operation %d yet: %s", p.seq, os.strerror(p.errno))
             return True
         if p.errno:
             log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))
+            await self._journal([p])
             await self.diverged(f"peer could not apply a change ({os.strerror(p.errno)})")
             if self.policy == Policy.BLOCK:
                 raise PeerError(os.strerror(p.errno))
@@ -519,13 +543,26 @@ class Mirror:
             last = max(self._pending)
             await self._pending[last].done.wait()
 
-    async def close(self, drain: bool = True) -> None:
+    async def close(self, drain: bool = True) -> bool:
         """Say goodbye and close. With drain, first wait (up to the timeout) for what is
         in flight; without, what is in flight is given up: lost, it fails (policy block)
-        or goes on alone (policy alone)."""
+        or goes on alone (policy alone), and the peer is out of date. Returns True when
+        nothing given up is left unrecorded (journaled, and the peer marked)."""
         if drain:
             with trio.move_on_after(self.timeout):
                 await self.drain()
+        given_up = [p for p in self._pending.values()
+                    if not p.patient and p.kind not in _NOT_CHANGES]
+        recorded = True
+        try:
+            if given_up:
+                await self._journal(given_up)
+                await trio.to_thread.run_sync(self.state.mark_peer_outdated,
+                                              "closed with changes in flight")
+            await trio.to_thread.run_sync(self.state.mark_acting, False)
+        except OSError as e:
+            log.error("cannot record the changes given up on closing: %s", e)
+            recorded = False
         fs, self._fs = self._fs, None
         self._set(Link.CLOSED)
         self._release_all()
@@ -536,6 +573,7 @@ class Mirror:
             except LinkClosed:
                 pass
             await fs.aclose()
+        return recorded
 
     def status(self) -> dict:
         now = time.monotonic()

@@ -62,6 +62,7 @@ class ReplicaServer:
         self.stats = {"ops": 0, "bytes": 0, "refused": 0, "corrupt": 0}
         self.resyncing = False      # between RESYNC_BEGIN and an accepted RESYNC_DONE
         self._failed = False        # a change failed since the last RESYNC_BEGIN or _DONE
+        self.on_resynced = None     # called once this copy was made up to date
         self._listeners = []
         self._scope = trio.CancelScope()
 
@@ -195,7 +196,7 @@ class ReplicaServer:
                 s.remember(msg.seq, 0)
                 continue
             if msg.kind in (P.Kind.RESYNC_BEGIN, P.Kind.RESYNC_DONE):
-                err = await self._resync_step(msg.kind)
+                err = await self._resync_step(msg.kind, bool(msg.fields.get("full", 1)))
             else:
                 err = await self._apply(s, msg)
             s.remember(msg.seq, err)
@@ -228,11 +229,15 @@ class ReplicaServer:
             d = {"exists": False, "error": f"{msg.path!r}: {e.strerror or e}"}
         return probe.dumps(d)
 
-    async def _resync_step(self, kind: P.Kind) -> int:
+    async def _resync_step(self, kind: P.Kind, full: bool = True) -> int:
         """RESYNC_BEGIN: this copy is out of date until the resynchronisation ends.
         RESYNC_DONE: it ends, unless a change failed here since the last attempt (the
         primary then resends what it touched and asks again)."""
         if kind == P.Kind.RESYNC_BEGIN:
+            if not full and (self.state.get("acting_primary") or self.state.get("changed_alone")):
+                # As a primary, this copy may have taken changes the other node never saw:
+                # what the other's journal says is not enough.
+                return E.ESTALE
             await trio.to_thread.run_sync(self.state.mark_self, False, "resynchronising")
             self.resyncing, self._failed = True, False
             log.info("resynchronisation from the primary begins")
@@ -243,6 +248,8 @@ class ReplicaServer:
         try:
             await trio.to_thread.run_sync(sysops.syncfs, self.root_fd)
             await trio.to_thread.run_sync(self.state.mark_resynced)
+            if self.on_resynced is not None:
+                self.on_resynced()
         except OSError as e:
             log.error("cannot make the resynchronised copy durable: %s", e)
             return e.errno or E.EIO

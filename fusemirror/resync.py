@@ -111,8 +111,10 @@ def _count(root_fd: int) -> tuple[int, int]:
 
 
 class Resync:
-    def __init__(self, fs, mirror, *, block: int = BLOCK, rate: int = 0):
+    def __init__(self, fs, mirror, *, block: int = BLOCK, rate: int = 0, dirty=None):
         self.fs, self.mirror, self.tree = fs, mirror, fs.tree
+        # journal.Dirty: compare only what it names (fast); None: everything (full)
+        self.dirty = dirty if dirty is not None and not dirty.everything else None
         self.block = block
         self.rate = rate                  # bytes per second of chunk data; 0: no cap
         self.done: set[int] = set()
@@ -126,7 +128,8 @@ class Resync:
         self._handle = _HANDLES
         self._failure: str | None = None
         self._root = self.tree.root_path.rstrip(b"/") + b"/"
-        self.progress = {"state": "starting", "full": True, "items_total": 0, "items_done": 0,
+        self.progress = {"state": "starting", "full": self.dirty is None,
+                         "items_total": 0, "items_done": 0,
                          "bytes_total": 0, "bytes_done": 0, "bytes_sent": 0,
                          "started": time.time(), "rate_bps": 0, "eta_s": None}
         self._t0 = time.monotonic()
@@ -169,7 +172,7 @@ class Resync:
         token = TOUCHED.set((_ENGINE,))
         try:
             await fs.start_resync(self)
-            await self._op(K.RESYNC_BEGIN, dict(full=1))
+            await self._begin()
             items, size = await trio.to_thread.run_sync(_count, self.tree.root_fd)
             self.progress.update(items_total=items, bytes_total=size, state="copying")
             log.info("resynchronising %s:%s: %d items, %d bytes to compare", *m.peer, items,
@@ -188,6 +191,27 @@ class Resync:
         log.info("resynchronisation of %s:%s done in %.1f s: %d bytes sent", *m.peer,
                  time.monotonic() - self._t0, self.progress["bytes_sent"])
 
+    async def _begin(self) -> None:
+        if self.dirty is not None:
+            p = await self.mirror.begin(K.RESYNC_BEGIN, dict(full=0))
+            if p is None:
+                raise ResyncFailed("the link was lost")
+            await p.done.wait()
+            if p.errno == E.ESTALE:
+                log.warning("the peer's copy may hold changes of its own (it was a primary): "
+                            "comparing everything")
+                self.dirty = None
+                self.progress["full"] = True
+            elif p.lost or p.errno:
+                raise ResyncFailed("the peer refused to begin")
+            else:
+                return
+        await self._op(K.RESYNC_BEGIN, dict(full=1))
+
+    def _is_dirty(self, ino: int) -> bool:
+        d = self.dirty
+        return d is None or ino in d.nodes or ino in d.chunks
+
     async def _finish(self) -> None:
         m = self.mirror
         while True:
@@ -197,7 +221,7 @@ class Resync:
                 try:
                     self._attempt(ino)
                     if stat.S_ISDIR(os.fstat(fd).st_mode):
-                        await self._walk(fd, own=False)
+                        await self._walk(fd, own=False, force=True)
                     else:
                         await self._leaf(fd)
                 finally:
@@ -289,10 +313,11 @@ class Resync:
                 await trio.sleep(ahead)
 
     # --- the walk -------------------------------------------------------------------------
-    async def _walk(self, top: int, own: bool) -> None:
-        """Handle the directory top, then everything beneath it not handled yet, depth
-        first, with one open descriptor per level."""
-        levels = [(top, iter(await self._directory(top)), own)]
+    async def _walk(self, top: int, own: bool, force: bool = False) -> None:
+        """Handle the directory top (force: even if the journal does not name it), then
+        everything beneath it not handled yet, depth first, with one open descriptor per
+        level."""
+        levels = [(top, iter(await self._directory(top, force)), own)]
         try:
             while levels:
                 dfd, names, _ = levels[-1]
@@ -326,10 +351,13 @@ class Resync:
                 if mine:
                     os.close(dfd)
 
-    async def _directory(self, dfd: int) -> list[bytes]:
+    async def _directory(self, dfd: int, force: bool = False) -> list[bytes]:
         """Make the peer's entries and attributes of this directory equal to ours, and
-        its small files too; returns the names still to visit (directories, large files)."""
+        its small files too; returns the names still to visit (directories, large files).
+        A directory the journal does not name is only looked through, here."""
         ino = self._ino(dfd)
+        if not force and not self._is_dirty(ino):
+            return await self._look_through(dfd, ino)
         async with self.lock(ino):
             self._check()
             try:
@@ -370,6 +398,14 @@ class Resync:
             self._handled(ino, 0)
         self._forget_lock(ino)
         return visit
+
+    async def _look_through(self, dfd: int, ino: int) -> list[bytes]:
+        """Fast resynchronisation: the entries of an unchanged directory are the peer's
+        too; visit its subdirectories and what the journal names."""
+        ours = await trio.to_thread.run_sync(probe.describe_fd, dfd, probe.ENTRIES, self.block)
+        self._handled(ino, 0)
+        return [bytes.fromhex(e[_NAME]) for e in ours["entries"]
+                if e[_TYPE] == stat.S_IFDIR or self._is_dirty(e[_INO])]
 
     def _same_node(self, dfd: int, name: bytes, e: list, r: list) -> bool:
         """Can the peer's entry r stay for our entry e (same kind of node, and for a file

@@ -1,8 +1,8 @@
 """Persistent per-mount state: is the peer's copy (or our own) known to be good?
 
 One JSON file per mounted folder under the state directory, replaced atomically
-(write, fsync, rename, fsync the directory), plus an append-only list of what
-changed while the peer was out of date, kept for reintegration.
+(write, fsync, rename, fsync the directory); next to it, the journal of what changed
+while the peer was out of date (journal.py).
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ class StateFile:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         base = os.path.join(state_dir, escape(mountpoint))
         self.path = base + ".state"
-        self.changes_path = base + ".changes"
+        self.journal_path = base + ".journal"
         self.data = self._load()
-        self._changes = None
         # Updates come from the event loop and from worker threads (a lost link is
         # recorded off the loop): one at a time, or two would share the temporary file.
         self._lock = threading.RLock()
@@ -98,31 +97,26 @@ class StateFile:
                                   uptodate_changed=time.time()))
 
     def mark_resynced(self) -> None:
-        """Replica: a resynchronisation made this copy equal to the primary's."""
+        """Replica: a resynchronisation made this copy equal to the primary's (what it did
+        as a primary before is no longer of any account)."""
         with self._lock:
             self._update(dict(uptodate=True, uptodate_reason="resynchronised",
-                              uptodate_changed=time.time(), resynced_at=time.time()))
+                              uptodate_changed=time.time(), resynced_at=time.time(),
+                              changed_alone=False, acting_primary=False, peer_outdated=False))
 
     def mark_peer_uptodate(self) -> None:
         """Primary: the peer's copy equals ours again; what changed alone is forgotten."""
         with self._lock:
             self._update(dict(peer_outdated=False, changed_alone=False, reason="",
                               peer_resynced_at=time.time()))
-            if self._changes is not None:
-                self._changes.close()
-                self._changes = None
-            try:
-                os.unlink(self.changes_path)
-            except FileNotFoundError:
-                pass
 
-    def record_change(self, what: str, path: bytes) -> None:
-        """Remember that path changed while the peer could not follow."""
-        if self._changes is None:
-            self._changes = open(self.changes_path, "ab", buffering=0)
-        self._changes.write(what.encode() + b" " + path.hex().encode() + b"\n")
+    def mark_acting(self, acting: bool) -> None:
+        """Primary: changes may be in flight to an up-to-date peer without being journaled
+        (a crash then leaves both copies uncertain about them: the next resynchronisation
+        must be a full one)."""
+        with self._lock:
+            if bool(self.data.get("acting_primary")) != acting:
+                self._update(dict(acting_primary=acting))
 
     def close(self) -> None:
-        if self._changes is not None:
-            self._changes.close()
-            self._changes = None
+        pass

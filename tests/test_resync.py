@@ -130,28 +130,41 @@ def test_replica_away_then_resynchronised(make_pair, how):
     assert status["state"] == "done" and status["bytes_sent"] > 0
 
 
-def test_full_resync_sends_only_differing_chunks(make_pair):
+def resync_status(node) -> dict:
+    return node.status()["resync"]
+
+
+def test_fast_resync_sends_only_the_changed_blocks_and_full_finds_the_rest(make_pair):
     pair = make_pair(policy="alone", timeout=2.0)
     pair.start()
     for i in range(4):
         write(pair.primary.path(f"large{i}"), os.urandom(8 << 20))
     pair.assert_identical()
     pair.replica.stop()
-    # two chunks change in one file, one in another, behind the replica's back too
-    with open(pair.primary.path("large1"), "r+b") as f:
+    with open(pair.primary.path("large1"), "r+b") as f:      # two blocks change
         f.seek(3 << 20)
         f.write(os.urandom(100))
         f.seek(6 << 20)
         f.write(os.urandom(100))
-    with open(pair.replica.dir + "/large2", "r+b") as f:
-        f.seek(5 << 20)
-        f.write(b"bit rot")
     pair.mount_replica()
     reconnect(pair)
     wait_resynced(pair)
     pair.assert_identical()
-    sent = pair.primary.status()["resync"]["bytes_sent"]
-    assert sent == 3 * 32 << 10, sent      # three 32 KiB blocks, nothing else
+    st = resync_status(pair.primary)
+    assert not st["full"] and st["bytes_sent"] == 2 * 32 << 10, st
+    assert st["bytes_done"] == 8 << 20, st       # only the journaled file was read
+    # damage behind the replica's back is no journal's business: `resync --full` finds it
+    with open(f"/proc/self/fd/{pair.replica.backing_fd}/large2", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"bit rot")
+    assert pair.backing_difference()
+    cli("resync", "--full", pair.primary.dir)
+    wait_for(lambda: resync_status(pair.primary)["state"] == "done"
+             and resync_status(pair.primary)["full"], timeout=60, what="the full resync")
+    wait_resynced(pair)
+    pair.assert_identical()
+    st = resync_status(pair.primary)
+    assert st["bytes_sent"] == 32 << 10 and st["bytes_done"] == 32 << 20, st
 
 
 def test_admin_resync_repairs_a_damaged_replica(pair):
@@ -220,4 +233,61 @@ def test_application_writes_during_resync(make_pair):
         t.join(60)
     assert not errors, errors
     assert counts["writes"] > 10
+    pair.assert_identical()
+
+
+def change_files_alone(root: str) -> None:
+    """Changes that the journal records item by item (no directory moved, no link)."""
+    with open(os.path.join(root, "a/b/big"), "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"Y" * 70000)
+    os.truncate(os.path.join(root, "a/b/c/trunc"), 99999)
+    write(os.path.join(root, "a/small2"), b"rewritten while alone")
+    os.unlink(os.path.join(root, "a/small3"))
+    os.rename(os.path.join(root, "a/small4"), os.path.join(root, "a/b/c/small4-moved"))
+    os.makedirs(os.path.join(root, "fresh/dir"))
+    for i in range(10):
+        write(os.path.join(root, "fresh/dir", f"f{i}"), os.urandom(5000 * i))
+    os.chmod(os.path.join(root, "a/small7"), 0o640)
+    os.setxattr(os.path.join(root, "a/small9"), "user.k", b"v")
+
+
+def test_primary_killed_while_alone_keeps_its_journal(make_pair):
+    """kill -9 of the primary while it runs alone: after its restart, the returning
+    replica gets what the journal recorded before each change was acknowledged."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    build_tree(pair.primary.dir)
+    pair.assert_identical()
+    pair.replica.stop()
+    change_files_alone(pair.primary.dir)
+    assert os.path.getsize(os.path.join(pair.primary.state_dir, os.listdir(
+        pair.primary.state_dir)[0].rsplit(".", 1)[0] + ".journal")) > 32
+    pair.primary.kill(signal.SIGKILL)
+    pair.primary.stop()                                  # the dead mount is detached
+    assert not pair.primary.state().get("acting_primary")
+    pair.mount_replica()
+    pair.mount_primary()
+    wait_resynced(pair)
+    st = resync_status(pair.primary)
+    assert not st["full"], st
+    assert st["bytes_done"] < 8 << 20, st               # the journaled files only
+    pair.assert_identical()
+
+
+def test_primary_killed_while_replicating_makes_the_next_resync_full(make_pair):
+    """kill -9 of a primary with changes in flight: neither copy knows which of them the
+    other applied, so the next resynchronisation compares everything."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    build_tree(pair.primary.dir)
+    pair.assert_identical()
+    assert pair.primary.state().get("acting_primary") is True
+    pair.primary.kill(signal.SIGKILL)
+    pair.primary.stop()
+    with open(f"/proc/self/fd/{pair.primary.backing_fd}/a/small1", "r+b") as f:
+        f.write(b"an in-flight write the replica never got")
+    pair.mount_primary()
+    wait_resynced(pair)
+    assert resync_status(pair.primary)["full"]
     pair.assert_identical()
