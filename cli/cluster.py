@@ -44,7 +44,7 @@ def _target(module: str | None, node: str | None, run_dir: str) -> tuple[str, st
     _fail(X.USAGE, f"several controllers run here ({listed}): name one with -m and -n")
 
 
-def _ask(params: dict, payload: dict, timeout: float = 60.0) -> dict:
+def ask(params: dict, payload: dict, timeout: float = 60.0) -> dict:
     from fusemirror.controller import socket_path
     module, node = _target(params["module"], params["node"], params["run_dir"])
     try:
@@ -56,7 +56,7 @@ def _ask(params: dict, payload: dict, timeout: float = 60.0) -> dict:
         _fail(e.code, str(e))
 
 
-def _which(f):
+def which(f):
     f = click.option("-m", "--module", help="the module (if several run here)")(f)
     f = click.option("-n", "--node", help="this node's name (if several run here)")(f)
     f = click.option("--run-dir", default=control.RUN_DIR, hidden=True)(f)
@@ -174,11 +174,11 @@ def register(cli: click.Group) -> None:
             pass
 
     @cli.command()
-    @_which
+    @which
     @click.option("--json", "as_json", is_flag=True, help="everything, as JSON")
     def state(as_json, **params):
         """Both nodes' state; exits with this node's (STOP 0 WAIT 1 ALONE 2 PRIM 3 SECOND 4)."""
-        answer = _ask(params, {"cmd": "state"}, timeout=10)
+        answer = ask(params, {"cmd": "state"}, timeout=10)
         answer.pop("ok", None)
         me = answer["me"]
         if as_json:
@@ -211,9 +211,9 @@ def register(cli: click.Group) -> None:
         sys.exit(State(me["state"]).code)
 
     def _command(name: str, help_text: str, cmd: str | None = None):
-        @_which
+        @which
         def run(**params):
-            answer = _ask(params, {"cmd": cmd or name})
+            answer = ask(params, {"cmd": cmd or name})
             click.echo(answer.get("reason", "done"))
         run.__doc__ = help_text
         cli.command(name)(run)
@@ -223,19 +223,26 @@ def register(cli: click.Group) -> None:
     _command("restart", "Restart the application on the primary (stop_prim, start_prim).")
     _command("swap", "Exchange the roles of the primary and the SECOND, losing nothing.")
     _command("prim", "Make this node primary when the cluster cannot decide by itself.")
-    _command("second", "Make this node SECOND of the primary (or hand over, on the PRIM).")
+    @cli.command()
+    @which
+    @click.option("--fullsync", is_flag=True, help="and resynchronise this node's copy by "
+                  "comparing everything (restored from a backup, or suspect)")
+    def second(fullsync, **params):
+        """Make this node SECOND of the primary (or hand over, on the PRIM)."""
+        click.echo(ask(params, {"cmd": "second", "fullsync": fullsync}).get("reason", "done"))
+
     _command("primforce", "Make this node primary even with out-of-date data (DANGEROUS).")
 
     @cli.command()
-    @_which
+    @which
     @click.argument("onoff", type=click.Choice(["on", "off"]))
     def failover(onoff, **params):
         """Turn automatic failover on or off (on both nodes)."""
-        answer = _ask(params, {"cmd": f"failover {onoff}"})
+        answer = ask(params, {"cmd": f"failover {onoff}"})
         click.echo(answer.get("reason", "done"))
 
     @cli.command()
-    @_which
+    @which
     @click.argument("wanted", type=click.Choice([s.value for s in State], case_sensitive=False))
     @click.option("--timeout", type=float, default=60.0, show_default=True)
     @click.option("--ready/--any", default=True, show_default=True,
@@ -246,7 +253,7 @@ def register(cli: click.Group) -> None:
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            me = _ask(params, {"cmd": "state"}, timeout=10)["me"]
+            me = ask(params, {"cmd": "state"}, timeout=10)["me"]
             last = me
             if me["state"] == wanted and (not ready or me["readiness"] == "Ready"):
                 click.echo(_status_line(me))
@@ -257,12 +264,12 @@ def register(cli: click.Group) -> None:
             time.sleep(WAIT_POLL)
 
     @cli.command("log")
-    @_which
+    @which
     @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
     @click.option("--lines", type=int, default=50, show_default=True)
     def log_(follow, lines, **params):
         """Show the controller's log (the decisions and the steps of each transition)."""
-        path = _ask(params, {"cmd": "ping"}, timeout=10)["log_file"]
+        path = ask(params, {"cmd": "ping"}, timeout=10)["log_file"]
         try:
             f = open(path, "rb")
         except OSError as e:

@@ -14,6 +14,7 @@ import time
 
 import click
 
+from cli import cluster
 from fusemirror import control
 from fusemirror import errors as X
 from fusemirror.statefile import DEFAULT_DIR, escape
@@ -55,7 +56,8 @@ def _mount_argv(params: dict) -> list[str]:
             "--role", params["role"], "--on-peer-loss", params["on_peer_loss"],
             "--timeout", str(params["timeout"]), "--state-dir", params["state_dir"],
             "--cache-timeout", str(params["cache_timeout"])]
-    for opt in ("peer", "listen", "secret_file", "log_file", "protocol_versions", "run_dir"):
+    for opt in ("peer", "listen", "secret_file", "log_file", "protocol_versions", "run_dir",
+                "resync_rate"):
         if params.get(opt):
             argv += ["--" + opt.replace("_", "-"), str(params[opt])]
     if not params["compress"]:
@@ -120,6 +122,8 @@ def spawn_agent(params: dict, wait: float) -> None:
 @click.option("--log-file", help="default /var/log/fusemirror/mount-<dir>.log")
 @click.option("--cache-timeout", type=float, default=10.0, show_default=True,
               help="kernel attribute and entry cache lifetime")
+@click.option("--resync-rate", type=click.IntRange(0), default=0, metavar="BYTES",
+              help="cap a resynchronisation's data at BYTES per second (0: no cap)")
 @click.option("--compress/--no-compress", default=True, show_default=True,
               help="lz4 for write payloads when it pays")
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground")
@@ -169,7 +173,8 @@ def make_options(params: dict):
     o = agent.Options(mountpoint=params["directory"], role=params["role"],
                       state_dir=params["state_dir"], run_dir=params["run_dir"],
                       policy=Policy(params["on_peer_loss"]), timeout=params["timeout"],
-                      cache_timeout=params["cache_timeout"], compress=params["compress"])
+                      cache_timeout=params["cache_timeout"], compress=params["compress"],
+                      resync_rate=params.get("resync_rate") or 0)
     if params.get("peer"):
         o.peer = agent.parse_address(params["peer"], "--peer")
     if params.get("listen"):
@@ -212,12 +217,17 @@ def role(directory, role, peer, listen):
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False), required=False)
 @click.option("--full", is_flag=True, help="compare everything, not only what the journal "
               "recorded (always so when the replica is up to date)")
-def resync(directory, full):
-    """Compare the replica's copy of DIRECTORY with this primary's and fix every
-    difference, online (the application keeps writing). Progress: fusemirror status."""
+@cluster.which
+def resync(directory, full, **params):
+    """Compare the SECOND's copy with this primary's and fix every difference, online
+    (the application keeps writing): of the module's folders through the controller, or
+    of one mounted DIRECTORY through its agent. Progress: fusemirror state / status."""
+    if directory is None:
+        click.echo(cluster.ask(params, {"cmd": "resync", "full": full})["reason"])
+        return
     path = resolve(directory)
     ask(path, {"cmd": "resync", "full": full})
     click.echo(f"{path}: resynchronisation started")
@@ -300,12 +310,7 @@ def config_check(path):
     click.echo(f"{path}: ok")
 
 
-def _register_cluster_commands() -> None:
-    from cli import cluster
-    cluster.register(cli)
-
-
-_register_cluster_commands()
+cluster.register(cli)
 
 
 def entry():

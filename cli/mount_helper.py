@@ -15,7 +15,7 @@ import sys
 _OPTIONS = {"role": "--role", "peer": "--peer", "listen": "--listen",
             "secret_file": "--secret-file", "on_peer_loss": "--on-peer-loss",
             "timeout": "--timeout", "state_dir": "--state-dir", "log_file": "--log-file",
-            "cache_timeout": "--cache-timeout"}
+            "cache_timeout": "--cache-timeout", "resync_rate": "--resync-rate"}
 _FLAGS = {"no_compress": "--no-compress", "verbose": "--verbose"}
 _IGNORED = {"_netdev", "defaults", "auto", "noauto", "nofail", "rw", "user", "users", "nouser",
             "owner", "group", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async",

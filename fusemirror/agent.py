@@ -33,6 +33,9 @@ from .wire import HandshakeRefused
 
 log = logging.getLogger(__name__)
 
+RESYNC_ATTEMPTS = 3         # failed resynchronisations retried on the same link
+RESYNC_PAUSE = 2.0          # seconds between them
+
 
 @dataclass
 class Options:
@@ -151,13 +154,18 @@ class Agent:
         self._mounted = False
         self.resync: Resync | None = None          # the running or last resynchronisation
         self.resync_error: str | None = None
+        self._resyncing = False
+        self._resync_failures = 0
         self._resync_scope: trio.CancelScope | None = None
 
     # --- roles -----------------------------------------------------------------
     def _new_mirror(self, peer) -> Mirror:
+        def outdated():
+            self.fs.journal_open_files()
+            self._maybe_resync(m)
         m = Mirror(peer, self.o.secret, self.state, policy=self.o.policy,
                    timeout=self.o.timeout, label=os.fsencode(self.o.mountpoint),
-                   versions=self.o.versions, on_outdated=self.fs.journal_open_files)
+                   versions=self.o.versions, on_outdated=outdated)
         m.journal = self.journal
         return m
 
@@ -209,27 +217,50 @@ class Agent:
     # --- resynchronisation -------------------------------------------------------------
     def _maybe_resync(self, mirror: Mirror) -> None:
         """An out-of-date peer that speaks resynchronisation is brought up to date at once,
-        in the background."""
-        if not self.state.get("peer_outdated") or mirror.version < 2 \
-                or mirror.link.value not in ("outdated", "connected"):
+        in the background. The link turns RESYNC here, before anything else is sequenced."""
+        if self._resyncing or mirror is not self.mirror or not self.state.get("peer_outdated") \
+                or mirror.version < 2 or mirror.link.value not in ("outdated", "connected"):
             return
+        dirty = None if self._full_next else self.journal.dirty.copy()
+        self._full_next = False
+        r = Resync(self.fs, mirror, block=self.o.resync_block, rate=self.o.resync_rate,
+                   dirty=dirty)
+        try:
+            r.attach()
+        except PeerError as e:
+            log.warning("cannot resynchronise now: %s", e)
+            return
+        self.resync, self.resync_error, self._resyncing = r, None, True
         self._resync_scope = scope = trio.CancelScope()
-        self._nursery.start_soon(self._resync, mirror, scope)
+        self._nursery.start_soon(self._resync, mirror, r, scope)
 
-    async def _resync(self, mirror: Mirror, scope: trio.CancelScope) -> None:
-        with scope:
-            dirty = None if self._full_next else self.journal.dirty.copy()
-            self._full_next = False
-            r = self.resync = Resync(self.fs, mirror, block=self.o.resync_block,
-                                     rate=self.o.resync_rate, dirty=dirty)
-            self.resync_error = None
-            try:
+    async def _resync(self, mirror: Mirror, r: Resync, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
                 await r.run()
-            except (ResyncFailed, PeerError, OSError) as e:
-                r.progress["state"] = "failed"
-                self.resync_error = str(e)
-                log.error("resynchronisation of %s:%s failed: %s; the peer stays out of date",
-                          *mirror.peer, e)
+                self._resync_failures = 0
+                return
+        except (ResyncFailed, PeerError, OSError) as e:
+            r.progress["state"] = "failed"
+            self.resync_error = str(e)
+            self._resync_failures += 1
+            log.error("resynchronisation of %s:%s failed: %s; the peer stays out of date",
+                      *mirror.peer, e)
+        finally:
+            self._resyncing = False
+        if self._resync_failures <= RESYNC_ATTEMPTS and mirror.link.value == "outdated":
+            await trio.sleep(RESYNC_PAUSE)          # the link is still there: try again
+            self._maybe_resync(mirror)
+
+    async def ask_fullsync(self) -> None:
+        """Replica: the next resynchronisation of this copy must compare everything (it
+        was restored from a backup, or is suspect). It is out of date from now on; the
+        primary's connection is dropped so that the primary resynchronises it."""
+        if self.fs.role != REPLICA or self.replica is None:
+            raise X.Failure(X.FAILED, f"fullsync is for a replica; this mount is {self.fs.role}")
+        await trio.to_thread.run_sync(lambda: self.state.update(needs_full=True))
+        await trio.to_thread.run_sync(self.state.mark_self, False, "full resync asked for")
+        await self.replica.drop()
 
     async def _stop_resync(self) -> None:
         if self._resync_scope is not None:
@@ -410,6 +441,9 @@ class Agent:
                 return {"ok": True}
             if cmd == "resync":
                 await self.start_resync(bool(req.get("full", True)))
+                return {"ok": True}
+            if cmd == "fullsync":
+                await self.ask_fullsync()
                 return {"ok": True}
         except X.Failure as e:
             return {"ok": False, "error": str(e), "code": e.code}

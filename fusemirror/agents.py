@@ -217,13 +217,13 @@ class Agents:
                 nursery.start_soon(one, fa)
         return errors
 
-    async def set_deadline(self, until: float | None) -> list[str]:
-        """Every agent acknowledges changes until `until` (time.monotonic()), or always."""
+    async def each(self, payload: dict, timeout: float = STATUS_TIMEOUT) -> list[str]:
+        """Send payload to every agent; the errors, one per folder that refused."""
         errors = []
 
         async def one(fa: FolderAgent) -> None:
             try:
-                await self._request(fa, {"cmd": "deadline", "until": until}, STATUS_TIMEOUT)
+                await self._request(fa, payload, timeout)
             except control.ControlError as e:
                 errors.append(f"{fa.mountpoint}: {e}")
 
@@ -231,6 +231,10 @@ class Agents:
             for fa in self.folders:
                 nursery.start_soon(one, fa)
         return errors
+
+    async def set_deadline(self, until: float | None) -> list[str]:
+        """Every agent acknowledges changes until `until` (time.monotonic()), or always."""
+        return await self.each({"cmd": "deadline", "until": until})
 
     async def _request(self, fa: FolderAgent, payload: dict, timeout: float) -> dict:
         return await trio.to_thread.run_sync(
@@ -293,6 +297,8 @@ class Agents:
                 "--log-file", log_file, "--ready-fd", str(w)]
         if not self.config.replication.compress:
             argv.append("--no-compress")
+        if self.config.replication.resync_rate:
+            argv += ["--resync-rate", str(self.config.replication.resync_rate)]
         env = dict(os.environ)
         env["PYTHONPATH"] = _TOP + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:

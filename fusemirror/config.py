@@ -67,6 +67,7 @@ class Replication:
     timeout: float = 10.0
     on_peer_loss: str = "alone"
     compress: bool = True
+    resync_rate: int = 0          # bytes per second of data sent by a resync; 0: no cap
 
 
 @dataclass(frozen=True)
@@ -736,7 +737,9 @@ def _replication(t: _Table) -> Replication:
     rep = Replication(timeout=t.get("timeout", _seconds(3600), Replication.timeout),
                       on_peer_loss=t.get("on_peer_loss", _one_of(*ON_PEER_LOSS),
                                          Replication.on_peer_loss),
-                      compress=t.get("compress", _boolean, Replication.compress))
+                      compress=t.get("compress", _boolean, Replication.compress),
+                      resync_rate=t.get("resync_rate", _integer(0, 1 << 40),
+                                        Replication.resync_rate))
     t.finish()
     return rep
 

@@ -818,6 +818,12 @@ class Controller:
                     "log_file": os.path.join(self.log_dir, f"{self.name}.log")}
         if cmd == "state":
             return {"ok": True, **self.http_state()}
+        if cmd == "resync":
+            return await self._admin_resync(bool(req.get("full")))
+        if cmd == "second" and req.get("fullsync"):
+            answer = await self._admin_fullsync()
+            if not answer["ok"] or self.status.state is State.SECOND:
+                return answer
         try:
             command = Command(cmd)
         except ValueError:
@@ -835,6 +841,31 @@ class Controller:
             return {"ok": False, "error": f"{cmd}: no decision within {COMMAND_TIMEOUT:g} s "
                                           f"(running {self.running})", "code": X.FAILED}
         return pending.answer
+
+    async def _admin_resync(self, full: bool) -> dict:
+        """`fusemirror resync [--full]` on the primary: its agents compare the SECOND's
+        copy again (everything, when it is up to date or with --full) and fix it."""
+        if self.status.state is not State.PRIM:
+            return {"ok": False, "code": X.REFUSED,
+                    "error": f"resync runs on the PRIM, and this node is {self.status.state}"}
+        errors = await self.agents.each({"cmd": "resync", "full": full}, timeout=30)
+        if errors:
+            return {"ok": False, "code": X.FAILED, "error": "; ".join(errors)}
+        return {"ok": True, "reason": f"resynchronising {self.peer_node.name} "
+                                      f"({'full' if full else 'from the journal'})"}
+
+    async def _admin_fullsync(self) -> dict:
+        """`fusemirror second --fullsync`: this node's copy is resynchronised by comparing
+        everything (restored from a backup, or suspect). It is out of date until then."""
+        if self.status.state.is_primary:
+            return {"ok": False, "code": X.REFUSED,
+                    "error": f"second --fullsync refused: this node is {self.status.state}"}
+        await self._persist(uptodate=False)
+        errors = await self.agents.each({"cmd": "fullsync"}, timeout=30)
+        if errors:
+            return {"ok": False, "code": X.FAILED, "error": "; ".join(errors)}
+        return {"ok": True, "reason": "this copy is out of date until a full resynchronisation",
+                "state": str(self.status.state)}
 
     # -- HTTP provider -----------------------------------------------------------------------
 

@@ -352,12 +352,12 @@ class Mirror:
         log.error("PEER OUT OF DATE: %s; the mount goes on %s", reason,
                   "alone, recording what changes" if self.policy == Policy.ALONE
                   else "refusing writes (policy block)")
-        if self.on_outdated is not None:
-            self.on_outdated()
         if self._fs is None:
             self._set(Link.CLOSED if self.policy == Policy.ALONE else Link.OUTDATED)
         else:
             self._set(Link.OUTDATED)
+        if self.on_outdated is not None:
+            self.on_outdated()          # may start a resynchronisation at once
         self._release_all()
 
     def _release_all(self) -> None:
@@ -507,9 +507,9 @@ class Mirror:
                 raise PeerError(os.strerror(p.errno))
             return False
         if p.lost:
-            if self.policy == Policy.BLOCK:
+            if self.policy == Policy.BLOCK and not p.resync:
                 raise PeerError("peer lost")
-            return False
+            return False            # a peer being resynchronised is out of date anyway
         return True
 
     async def diverged(self, reason: str) -> None:

@@ -84,6 +84,11 @@ class ReplicaServer:
             self.session.applier.close()
             self.session = None
 
+    async def drop(self) -> None:
+        """Close the primary's connection (it reconnects and finds this copy out of date)."""
+        if self._current is not None:
+            await self._current.aclose()
+
     async def _handle(self, stream) -> None:
         fs = FrameStream(stream)
         peer = fs.peer
@@ -234,7 +239,8 @@ class ReplicaServer:
         RESYNC_DONE: it ends, unless a change failed here since the last attempt (the
         primary then resends what it touched and asks again)."""
         if kind == P.Kind.RESYNC_BEGIN:
-            if not full and (self.state.get("acting_primary") or self.state.get("changed_alone")):
+            if not full and (self.state.get("acting_primary") or self.state.get("changed_alone")
+                             or self.state.get("needs_full")):
                 # As a primary, this copy may have taken changes the other node never saw:
                 # what the other's journal says is not enough.
                 return E.ESTALE

@@ -164,11 +164,15 @@ class Resync:
         self.touched(touched, failed=True)
 
     # --- running ------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Turn the link to RESYNC (raises PeerError when it cannot be): from now on every
+        change is sent to the peer; run() must follow."""
+        self.mirror.begin_resync(self._failed)
+
     async def run(self) -> None:
-        """Resynchronise; returns once the peer accepted RESYNC_DONE (the link is then
-        connected). Raises ResyncFailed (the peer stays out of date)."""
+        """Resynchronise (after attach); returns once the peer accepted RESYNC_DONE (the
+        link is then connected). Raises ResyncFailed (the peer stays out of date)."""
         m, fs = self.mirror, self.fs
-        m.begin_resync(self._failed)
         token = TOUCHED.set((_ENGINE,))
         try:
             await fs.start_resync(self)

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import time
 
+import pyfuse3
 import pytest
 
 from conftest import cli, free_port, is_mounted, wait_for
+from fusemirror import journal
 from fusemirror.statefile import escape
 from netproxy import Proxy
 
@@ -116,10 +118,12 @@ def test_replica_killed_mid_write_alone_policy_goes_on_and_records(make_pair):
     assert _kill_replica_mid_write(pair) == 0
     os.mkdir(pair.primary.path("dir"))
     assert pair.primary.state()["peer_outdated"] is True
-    changes = os.path.join(pair.primary.state_dir, escape(pair.primary.dir) + ".changes")
-    with open(changes) as f:
-        recorded = f.read()
-    assert b"dir".hex() in recorded and b"big".hex() in recorded
+    # the journal (what a resync will send): the root's entries and the file being written
+    dirty = journal.read(os.path.join(pair.primary.state_dir,
+                                      escape(pair.primary.dir) + ".journal"))
+    big = os.stat(f"/proc/self/fd/{pair.primary.backing_fd}/big").st_ino
+    assert pyfuse3.ROOT_INODE in dirty.nodes, dirty
+    assert big in dirty.nodes or big in dirty.chunks, dirty
     assert pair.primary.status()["mirror"]["link"] in ("closed", "outdated")
     assert os.path.getsize(pair.primary.path("big")) == 400 << 20
 

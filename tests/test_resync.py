@@ -291,3 +291,42 @@ def test_primary_killed_while_replicating_makes_the_next_resync_full(make_pair):
     wait_resynced(pair)
     assert resync_status(pair.primary)["full"]
     pair.assert_identical()
+
+
+@pytest.mark.parametrize("victim", ["replica", "primary"])
+def test_resync_interrupted_by_kill_9_resumes_safely(make_pair, victim):
+    """kill -9 of either side halfway through a resynchronisation (paced so that it
+    takes seconds): the replica never claims to be up to date before the end, and the
+    next resynchronisation finishes the job."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.mount_replica()
+    pair.mount_primary("--resync-rate", str(4 << 20))
+    for i in range(6):
+        write(pair.primary.path(f"f{i}"), os.urandom(4 << 20))
+    pair.replica.stop()
+    for i in range(6):
+        with open(pair.primary.path(f"f{i}"), "r+b") as f:
+            f.write(os.urandom(3 << 20))                  # 18 MiB to send at 4 MiB/s
+    pair.mount_replica()
+    reconnect(pair)
+    wait_for(lambda: (resync_status(pair.primary) or {}).get("bytes_sent", 0) > 4 << 20,
+             timeout=30, what="the resync to be under way")
+    assert link_of(pair.primary) == "resync"
+    assert pair.replica.state().get("uptodate") is False
+    if victim == "replica":
+        pair.replica.kill(signal.SIGKILL)
+        pair.replica.stop()
+        assert pair.replica.state().get("uptodate") is False
+        wait_for(lambda: link_of(pair.primary) == "closed", timeout=10, what="the loss")
+        assert pair.primary.state()["peer_outdated"] is True
+        pair.mount_replica()
+        reconnect(pair)
+    else:
+        pair.primary.kill(signal.SIGKILL)
+        pair.primary.stop()
+        assert pair.primary.state()["peer_outdated"] is True
+        assert not pair.primary.state().get("acting_primary")     # the journal is whole
+        pair.mount_primary()
+    wait_resynced(pair, timeout=60)
+    assert not resync_status(pair.primary)["full"]
+    pair.assert_identical()
