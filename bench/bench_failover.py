@@ -60,6 +60,7 @@ import tempfile
 import time
 from typing import Callable
 
+from bench import bench_mount as bm
 from demo import client as C
 from fusemirror import control
 from fusemirror.config import Heartbeat
@@ -408,13 +409,7 @@ def report(result: dict) -> str:
 
 def environment(runs: int) -> dict:
     hb = Heartbeat()
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                         model)
-    except OSError:
-        pass
+    model = bm.cpu_model()
     return {"runs": runs, "heartbeat_interval_s": hb.interval, "heartbeat_timeout_s": hb.timeout,
             "client_interval_s": CLIENT_INTERVAL_S, "cpus": os.cpu_count(), "cpu_model": model,
             "kernel": platform.release(), "python": platform.python_version(),

@@ -49,6 +49,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_NAMES = ("local", "alone", "pair")
 LOOPBACK = "127.0.0.1"
 
+
+def cpu_model() -> str:
+    """The CPU's model name, for the header of a bench report."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 CLI_MOUNT_TIMEOUT_S = 60
 CLI_STATUS_TIMEOUT_S = 15
 CLI_UMOUNT_TIMEOUT_S = 120

@@ -134,7 +134,12 @@ class Agent:
         self.socket_path = control.socket_path(o.mountpoint, o.run_dir)
         self.tree = Tree(self.root_fd)
         self.state = StateFile(o.state_dir, o.mountpoint)
+        had_journal = os.path.exists(self.state.journal_path)
         self.journal = Journal(self.state.journal_path)
+        if self.state.get("peer_outdated") and not had_journal:
+            log.warning("the journal of what the peer lacks is missing: the next "
+                        "resynchronisation compares everything")
+            trio.run(self.journal.mark_everything)
         if self.state.get("acting_primary"):
             # The last run died with changes in flight to its peer: neither copy can be
             # trusted about them, so the next resynchronisation compares everything.

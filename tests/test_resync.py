@@ -261,8 +261,8 @@ def test_primary_killed_while_alone_keeps_its_journal(make_pair):
     pair.assert_identical()
     pair.replica.stop()
     change_files_alone(pair.primary.dir)
-    assert os.path.getsize(os.path.join(pair.primary.state_dir, os.listdir(
-        pair.primary.state_dir)[0].rsplit(".", 1)[0] + ".journal")) > 32
+    (journal,) = [n for n in os.listdir(pair.primary.state_dir) if n.endswith(".journal")]
+    assert os.path.getsize(os.path.join(pair.primary.state_dir, journal)) > 32
     pair.primary.kill(signal.SIGKILL)
     pair.primary.stop()                                  # the dead mount is detached
     assert not pair.primary.state().get("acting_primary")
@@ -329,4 +329,26 @@ def test_resync_interrupted_by_kill_9_resumes_safely(make_pair, victim):
         pair.mount_primary()
     wait_resynced(pair, timeout=60)
     assert not resync_status(pair.primary)["full"]
+    pair.assert_identical()
+
+
+def test_a_lost_journal_makes_the_next_resync_full(make_pair):
+    """Found by bench_resync: the journal file deleted while the primary was unmounted
+    must not make the peer look up to date after an empty fast resync."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    for i in range(5):
+        write(pair.primary.path(f"f{i}"), os.urandom(2 << 20))
+    pair.assert_identical()
+    pair.replica.stop()
+    with open(pair.primary.path("f2"), "r+b") as f:
+        f.seek(100000)
+        f.write(os.urandom(300000))
+    pair.primary.stop()
+    (journal,) = [n for n in os.listdir(pair.primary.state_dir) if n.endswith(".journal")]
+    os.unlink(os.path.join(pair.primary.state_dir, journal))
+    pair.mount_replica()
+    pair.mount_primary()
+    wait_resynced(pair)
+    assert resync_status(pair.primary)["full"]
     pair.assert_identical()
