@@ -227,7 +227,7 @@ class Mirror:
         p.errno = errno
         if self.link == Link.RESYNC:
             if errno and self.on_failed is not None and p.touched \
-                    and p.kind != P.Kind.RESYNC_DONE:
+                    and p.kind not in (P.Kind.RESYNC_BEGIN, P.Kind.RESYNC_DONE):
                 self.on_failed(p.touched)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
                 self._resynced()

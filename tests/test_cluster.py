@@ -107,6 +107,51 @@ def _verify(c, node: str) -> None:
                            timeout=60, run_dir=c.run_dir)["differences"] == []
 
 
+def _behind_the_back(c, node: str) -> str:
+    """A path to node's backing folder, under its mount (through the agent's descriptor)."""
+    pid = c.agent(node)["pid"]
+    folder = os.path.realpath(c.folder(node))
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == folder:
+                return f"/proc/{pid}/fd/{fd}"
+        except OSError:
+            continue
+    raise AssertionError(f"no descriptor of {folder} in the agent {pid}")
+
+
+def test_admin_resync_and_second_fullsync_repair_a_damaged_second(cluster):
+    c = cluster()
+    _pair(c)
+    writer, log = c.client(duration=10)        # the application writes all along
+    time.sleep(1)
+    damaged = os.path.join(_behind_the_back(c, "beta"), "planted-by-a-bad-disk")
+    with open(damaged, "w") as f:
+        f.write("not on the primary")
+    p = c.command("alpha", "resync", "--full")
+    assert "resynchronising beta (full)" in p.stdout
+    deadline = time.monotonic() + 30
+    while os.path.exists(damaged) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(damaged)
+    c.wait_state("beta", "SECOND", timeout=30)
+    # the same found on the SECOND's side: it asks for a full resync of its own copy
+    with open(damaged, "w") as f:
+        f.write("again")
+    p = c.command("beta", "second", "--fullsync")
+    assert "out of date until a full resynchronisation" in p.stdout
+    deadline = time.monotonic() + 40
+    while os.path.exists(damaged) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(damaged)
+    me = c.wait_state("beta", "SECOND", readiness="Ready", timeout=40)
+    assert me["uptodate"]
+    assert writer.wait(timeout=30) == 0
+    assert not _lost(c, log)[1]
+    _verify(c, "alpha")
+    assert c.state("alpha")["replication"]["resync"]["state"] == "done"
+
+
 def test_kill_9_of_the_primary_fails_over_without_losing_a_record(cluster):
     c = cluster()
     _pair(c)
