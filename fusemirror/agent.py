@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import control, manifest, sysops
+from . import control, manifest, quarantine, sysops
 from . import errors as X
 from . import protocol as P
 from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
@@ -179,6 +179,7 @@ class Agent:
                           invalidate=self._invalidate, manifest=self._manifest_bytes,
                           versions=self.o.versions, timeout=self.o.timeout)
         r.on_resynced = self.journal.clear      # what it did as a primary no longer counts
+        r.quarantine_folder = lambda: quarantine.new_folder(self.o.mountpoint)
         return r
 
     async def _connect_primary(self, peer) -> Mirror:

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 K = P.Kind
 
 
+def _join(parent: bytes, name: bytes) -> bytes:
+    return name if parent in (b"", b".") else parent + b"/" + name
+
+
 def apply_setattr(fd: int, fields: int, *, mode: int = 0, uid: int = -1, gid: int = -1,
                   size: int = 0, atime: int = 0, mtime: int = 0, writable: int | None = None,
                   is_symlink: bool = False) -> None:
@@ -46,6 +50,9 @@ class Applier:
     def __init__(self, root_fd: int):
         self.root_fd = root_fd
         self.handles: dict[int, int] = {}
+        # quarantine.Quarantine while this copy, with changes of its own, is resynchronised:
+        # what would be overwritten or removed is kept there first.
+        self.quarantine = None
 
     def close(self) -> None:
         for fd in self.handles.values():
@@ -86,6 +93,9 @@ class Applier:
         return []
 
     def _open(self, m):
+        if self.quarantine is not None and (m.flags & os.O_ACCMODE != os.O_RDONLY
+                                            or m.flags & os.O_TRUNC):
+            self.quarantine.copy(m.path)
         fd = sysops.open_beneath(self.root_fd, m.path, (m.flags & ~STRIP_FLAGS) | os.O_NOFOLLOW)
         self._bind(m.handle, fd)
         if m.flags & os.O_TRUNC:
@@ -138,6 +148,8 @@ class Applier:
         return []
 
     def _setattr(self, m):
+        if self.quarantine is not None and not m.handle and m.mask & P.ATTR_SIZE:
+            self.quarantine.copy(m.path)
         fd = self._handle(m.handle) if m.handle else self._node(m.path)
         try:
             st = os.fstat(fd)
@@ -180,7 +192,10 @@ class Applier:
     def _unlink(self, m):
         def unlink(dfd):
             st = os.stat(m.name, dir_fd=dfd, follow_symlinks=False)
-            os.unlink(m.name, dir_fd=dfd)
+            if self.quarantine is None or stat.S_ISDIR(st.st_mode):
+                os.unlink(m.name, dir_fd=dfd)
+            else:
+                self.quarantine.move(dfd, m.name, _join(m.parent, m.name))
             return [("entry", os.fstat(dfd).st_ino, m.name), ("attr", st.st_ino)]
         return self._in_dir(m.parent, m.pmtime, unlink)
 
@@ -200,6 +215,11 @@ class Applier:
                     replaced = os.stat(m.name_new, dir_fd=dst, follow_symlinks=False).st_ino
                 except FileNotFoundError:
                     pass
+                if (replaced is not None and self.quarantine is not None
+                        and not m.flags & sysops.RENAME_EXCHANGE
+                        and replaced != os.stat(m.name_old, dir_fd=src,
+                                                follow_symlinks=False).st_ino):
+                    self.quarantine.move(dst, m.name_new, _join(m.parent_new, m.name_new))
                 sysops.rename(src, m.name_old, dst, m.name_new, m.flags)
                 sysops.set_times(src, None, m.pmtime_old)
                 sysops.set_times(dst, None, m.pmtime_new)
@@ -215,6 +235,8 @@ class Applier:
         return inval
 
     def _put(self, m):
+        if self.quarantine is not None:
+            self.quarantine.copy(m.path)
         fd = sysops.open_beneath(self.root_fd, m.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             view = memoryview(m.data)
@@ -231,7 +253,9 @@ class Applier:
         dfd = self._dir(parent or b".")
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
+            if self.quarantine is not None:
+                self.quarantine.move(dfd, name, m.path)
+            elif stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(name, dir_fd=dfd)
             else:
                 os.unlink(name, dir_fd=dfd)

@@ -22,6 +22,7 @@ import trio
 from . import probe, sysops
 from . import protocol as P
 from .apply import Applier
+from .quarantine import Quarantine
 from .statefile import StateFile
 from .wire import FrameStream, LinkClosed, refuse
 
@@ -63,6 +64,8 @@ class ReplicaServer:
         self.resyncing = False      # between RESYNC_BEGIN and an accepted RESYNC_DONE
         self._failed = False        # a change failed since the last RESYNC_BEGIN or _DONE
         self.on_resynced = None     # called once this copy was made up to date
+        self.quarantine_folder = None   # callable() -> a new quarantine folder's path
+        self.quarantine: Quarantine | None = None
         self._listeners = []
         self._scope = trio.CancelScope()
 
@@ -152,7 +155,11 @@ class ReplicaServer:
             if self.session is not None:
                 self.session.applier.close()
             self.session = Session(hello.session, self.root_fd)
-        uptodate = self.state.get("uptodate", True)
+        own = self.state.get("changed_alone") or self.state.get("needs_full")
+        uptodate = self.state.get("uptodate", True) and not own
+        if self.state.get("changed_alone") and self.quarantine_folder is not None:
+            # Every change of this session may overwrite one of this copy's own.
+            await self._start_quarantine()
         await fs.send(P.Kind.WELCOME, 0, dict(last_seq=self.session.last_seq,
                                               resumed=int(resumed), uptodate=int(uptodate)))
         log.info("primary %s %s session %016x (protocol %d, label %r)", peer,
@@ -234,6 +241,19 @@ class ReplicaServer:
             d = {"exists": False, "error": f"{msg.path!r}: {e.strerror or e}"}
         return probe.dumps(d)
 
+    async def _start_quarantine(self) -> None:
+        """This copy acknowledged changes of its own (split brain): what the resync would
+        overwrite or remove goes to a quarantine folder (the same one if a resync into it
+        was interrupted)."""
+        if self.quarantine is None:
+            folder = self.state.get("quarantine_dir") or self.quarantine_folder()
+            if folder != self.state.get("quarantine_dir"):
+                await trio.to_thread.run_sync(lambda: self.state.update(quarantine_dir=folder))
+            self.quarantine = Quarantine(self.root_fd, folder)
+        self.session.applier.quarantine = self.quarantine
+        log.warning("this copy has changes its primary lacks: what the resynchronisation "
+                    "overwrites or removes is kept in %s", folder)
+
     async def _resync_step(self, kind: P.Kind, full: bool = True) -> int:
         """RESYNC_BEGIN: this copy is out of date until the resynchronisation ends.
         RESYNC_DONE: it ends, unless a change failed here since the last attempt (the
@@ -256,6 +276,12 @@ class ReplicaServer:
             await trio.to_thread.run_sync(self.state.mark_resynced)
             if self.on_resynced is not None:
                 self.on_resynced()
+            if self.quarantine is not None:
+                log.warning("resynchronised: %d versions of this copy's own changes were kept "
+                            "in %s", self.quarantine.kept, self.quarantine.folder)
+                self.quarantine = None
+                if self.session is not None:
+                    self.session.applier.quarantine = None
         except OSError as e:
             log.error("cannot make the resynchronised copy durable: %s", e)
             return e.errno or E.EIO

@@ -352,3 +352,42 @@ def test_a_lost_journal_makes_the_next_resync_full(make_pair):
     wait_resynced(pair)
     assert resync_status(pair.primary)["full"]
     pair.assert_identical()
+
+
+def test_a_diverged_replica_keeps_its_own_versions_in_quarantine(make_pair):
+    """Split brain: the replica's copy acknowledged changes of its own (it ran as a
+    primary alone). When it is made a copy of the chosen survivor, what the resync
+    overwrites or removes of it goes to a dated quarantine folder: nothing is lost."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.start()
+    build_tree(pair.primary.dir)
+    pair.assert_identical()
+    pair.replica.stop()
+    # the survivor changes some files while apart
+    write(pair.primary.path("a/small1"), b"survivor's version")
+    # the other node runs alone and changes its copy (its own acknowledged writes)
+    pair.replica.mount("--role", "alone")
+    write(pair.replica.path("a/small1"), b"loser's version of small1")
+    write(pair.replica.path("a/small2"), b"loser's version of small2")
+    write(pair.replica.path("loser-only"), b"a file only the loser has")
+    os.unlink(pair.replica.path("a/small3"))
+    assert pair.replica.state()["changed_alone"] is True
+    pair.replica.stop()
+    pair.mount_replica()
+    reconnect(pair)
+    wait_resynced(pair)
+    assert resync_status(pair.primary)["full"]
+    pair.assert_identical()
+    state = pair.replica.state()
+    folder = state["last_quarantine"]
+    assert folder.startswith(os.path.join(os.path.dirname(pair.replica.dir),
+                                          ".fusemirror-quarantine"))
+    kept = {}
+    for top, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(top, name), "rb") as f:
+                kept[os.path.relpath(os.path.join(top, name), folder)] = f.read()
+    assert kept["a/small1"] == b"loser's version of small1"
+    assert kept["a/small2"] == b"loser's version of small2"
+    assert kept["loser-only"] == b"a file only the loser has"
+    assert not state["changed_alone"]
