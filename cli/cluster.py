@@ -78,6 +78,19 @@ def _status_line(s: dict) -> str:
             f"{s.get('reason', '')}{tail}")
 
 
+def _divergence_line(d: dict) -> str:
+    """What this node changed while its peer was behind: the files that may differ."""
+    if d.get("error"):
+        return f"  {d['mountpoint']}: changed while apart: unknown ({d['error']})"
+    if d.get("everything"):
+        return (f"  {d['mountpoint']}: changed while apart: everything may differ (a directory "
+                f"was moved or a link made)")
+    shown = ", ".join(d["paths"])
+    more = d["count"] - len(d["paths"])
+    return (f"  {d['mountpoint']}: changed while apart: {d['count']} item(s): {shown}"
+            + (f" and {more} more" if more > 0 else ""))
+
+
 def _resync_line(rs: dict) -> str:
     mib = 1 << 20
     line = (f"resync: {rs['state']}, {rs['items_done']}/{rs['items_total']} items, "
@@ -196,6 +209,8 @@ def register(cli: click.Group) -> None:
             rs = r.get("resync")
             if rs:
                 click.echo(_resync_line(rs))
+            for d in answer.get("divergence", []):
+                click.echo(_divergence_line(d))
             for f in answer["folders"]:
                 link = f["link"] or ("connected" if f["replica_connected"] else "-")
                 click.echo(f"  {f['mountpoint']}: {f['role'] or 'NO AGENT'}, link {link}"
@@ -223,6 +238,15 @@ def register(cli: click.Group) -> None:
     _command("restart", "Restart the application on the primary (stop_prim, start_prim).")
     _command("swap", "Exchange the roles of the primary and the SECOND, losing nothing.")
     _command("prim", "Make this node primary when the cluster cannot decide by itself.")
+    @cli.command()
+    @which
+    @click.option("--keep", required=True, metavar="NODE",
+                  help="the node whose copy is kept (the survivor)")
+    def resolve(keep, **params):
+        """End a split brain: NODE's copy is kept and it is primary; the other node
+        follows it, its own versions of what differs moved to quarantine, not lost."""
+        click.echo(ask(params, {"cmd": "resolve", "keep": keep})["reason"])
+
     @cli.command()
     @which
     @click.option("--fullsync", is_flag=True, help="and resynchronise this node's copy by "

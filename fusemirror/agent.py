@@ -258,6 +258,31 @@ class Agent:
             await trio.sleep(RESYNC_PAUSE)          # the link is still there: try again
             self._maybe_resync(mirror)
 
+    def changes(self, limit: int) -> dict:
+        """What this copy changed since its peer fell behind, by path (from the journal):
+        the files that may differ from the peer's."""
+        dirty = self.journal.dirty
+        if dirty.everything:
+            return {"everything": True, "count": None, "paths": []}
+        wanted = set(dirty.nodes) | set(dirty.chunks)
+        paths = ["."] if self.tree.ino_of(os.fstat(self.root_fd)) in wanted else []
+        count = len(paths)
+        top = os.open(sysops.proc_path(self.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                for name in dirs + files:
+                    try:
+                        ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+                    except OSError:
+                        continue
+                    if ino in wanted:
+                        count += 1
+                        if len(paths) < limit:
+                            paths.append(os.path.normpath(os.path.join(rel, name)))
+        finally:
+            os.close(top)
+        return {"everything": False, "count": count, "paths": paths}
+
     async def ask_fullsync(self) -> None:
         """Replica: the next resynchronisation of this copy must compare everything (it
         was restored from a backup, or is suspect). It is out of date from now on; the
@@ -451,6 +476,9 @@ class Agent:
             if cmd == "fullsync":
                 await self.ask_fullsync()
                 return {"ok": True}
+            if cmd == "changes":
+                return {"ok": True, **await trio.to_thread.run_sync(
+                    self.changes, int(req.get("limit", 100)))}
         except X.Failure as e:
             return {"ok": False, "error": str(e), "code": e.code}
         return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -232,6 +232,18 @@ class Agents:
                 nursery.start_soon(one, fa)
         return errors
 
+    async def changes(self, limit: int = 50) -> list[dict]:
+        """Per folder, what this node changed since its peer fell behind (journal)."""
+        out = []
+        for fa in self.folders:
+            try:
+                r = await self._request(fa, {"cmd": "changes", "limit": limit}, 30)
+                r.pop("ok", None)
+            except control.ControlError as e:
+                r = {"error": str(e)}
+            out.append({"mountpoint": fa.mountpoint, **r})
+        return out
+
     async def set_deadline(self, until: float | None) -> list[str]:
         """Every agent acknowledges changes until `until` (time.monotonic()), or always."""
         return await self.each({"cmd": "deadline", "until": until})

@@ -286,6 +286,10 @@ class Controller:
         if not self.agents.healthy() and not self._reviving:
             self._nursery.start_soon(self._revive)
         me = self._me()
+        if self._resolved(me, p):
+            log.info("the split brain is over: resolve forgotten")
+            await self._persist(resolve="")
+            me = replace(me, resolve="")
         exact = link_lost = False
         if me.state is State.SECOND and p is not None and p.state.is_primary:
             me, exact, link_lost = await self._second_facts(me, p, now)
@@ -336,7 +340,8 @@ class Controller:
         s = self.store.data
         diverged = any(fa.changed_alone for fa in self.agents.folders)
         return replace(self.status, epoch=s["epoch"], last_primary=s["last_primary"],
-                       uptodate=s["uptodate"], failover=s["failover"], diverged=diverged)
+                       uptodate=s["uptodate"], failover=s["failover"], diverged=diverged,
+                       resolve=s.get("resolve", ""))
 
     async def _second_facts(self, me: NodeStatus, p: NodeStatus, now: float):
         """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether
@@ -817,9 +822,14 @@ class Controller:
             return {"ok": True, "pid": os.getpid(),
                     "log_file": os.path.join(self.log_dir, f"{self.name}.log")}
         if cmd == "state":
-            return {"ok": True, **self.http_state()}
+            report = self.http_state()
+            if report["me"].get("diverged"):
+                report["divergence"] = await self.agents.changes()
+            return {"ok": True, **report}
         if cmd == "resync":
             return await self._admin_resync(bool(req.get("full")))
+        if cmd == "resolve":
+            return await self._admin_resolve(str(req.get("keep", "")))
         if cmd == "second" and req.get("fullsync"):
             answer = await self._admin_fullsync()
             if not answer["ok"] or self.status.state is State.SECOND:
@@ -853,6 +863,36 @@ class Controller:
             return {"ok": False, "code": X.FAILED, "error": "; ".join(errors)}
         return {"ok": True, "reason": f"resynchronising {self.peer_node.name} "
                                       f"({'full' if full else 'from the journal'})"}
+
+    async def _admin_resolve(self, keep: str) -> dict:
+        """`fusemirror resolve --keep NODE`: end a split brain. NODE becomes (or stays) the
+        primary; the other node follows it, and its own versions of what differs are
+        moved to quarantine by the resynchronisation, not discarded."""
+        names = (self.node.name, self.peer_node.name)
+        if keep not in names:
+            return {"ok": False, "code": X.USAGE,
+                    "error": f"resolve --keep takes {' or '.join(names)}, not {keep!r}"}
+        me, p = self._me(), self.peer
+        if not me.diverged and not (p is not None and p.diverged):
+            return {"ok": False, "code": X.REFUSED,
+                    "error": "resolve refused: no split brain (neither node acknowledged "
+                             "writes the other lacks)"}
+        await self._persist(resolve=keep)
+        self.status = replace(self.status, resolve=keep)
+        self.heartbeats.send_now()
+        self.wake()
+        other = names[1] if keep == names[0] else names[0]
+        return {"ok": True, "reason": f"{keep} is kept as the source; {other}'s own versions "
+                                      f"go to quarantine as it is resynchronised"}
+
+    def _resolved(self, me: NodeStatus, p: NodeStatus | None) -> bool:
+        """A split brain the admin resolved is over once the SECOND is up to date."""
+        if not me.resolve or p is None:
+            return False
+        if me.state is State.SECOND and me.uptodate and not me.diverged:
+            return True
+        return me.state.is_primary and p.state is State.SECOND and p.uptodate \
+            and not p.diverged
 
     async def _admin_fullsync(self) -> dict:
         """`fusemirror second --fullsync`: this node's copy is resynchronised by comparing

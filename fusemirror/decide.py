@@ -282,7 +282,7 @@ def _takeover_blocker(view, policy) -> str | None:
     if last is not None and last.epoch > me.epoch:
         return (f"data not up to date: {last.name} holds epoch {last.epoch}, this node "
                 f"{me.epoch} (primforce overrides)")
-    if last is not None and last.diverged:
+    if last is not None and last.diverged and me.resolve != me.name:
         if me.diverged:
             return _split_brain("both nodes acknowledged writes while apart")
         return (f"data not up to date: {last.name} acknowledged writes that this node does "
@@ -306,7 +306,11 @@ def _split_brain(detail: str) -> str:
 
 
 def _conflict_with_primary(me: NodeStatus, p: NodeStatus) -> str | None:
-    """Why this node cannot follow primary p without losing writes, if it cannot."""
+    """Why this node cannot follow primary p without losing writes, if it cannot. None
+    too when the admin chose p as the survivor: this node's own versions then go to
+    quarantine as it is resynchronised."""
+    if p.name in (me.resolve, p.resolve):
+        return None
     if me.diverged:
         return _split_brain(f"this node acknowledged writes that {p.name} "
                             f"(primary at epoch {p.epoch}) does not have")
@@ -337,7 +341,19 @@ def elect(a: NodeStatus, b: NodeStatus, policy: Policy) -> tuple[str | None, str
     Symmetric (elect(a, b) == elect(b, a)) and computed from published statuses
     only, so both nodes reach the same answer; each publishes it as its vote, and
     the winner promotes only once the other's vote agrees. Newer data always wins;
-    defaultprim only breaks a tie between equal copies."""
+    defaultprim only breaks a tie between equal copies. In a split brain, the node the
+    admin chose (resolve) wins."""
+    chosen = {n.resolve for n in (a, b) if n.resolve}
+    if len(chosen) > 1:
+        return None, _split_brain(f"the admin chose both {' and '.join(sorted(chosen))} "
+                                  f"(resolve on each node): choose one")
+    if chosen:
+        name = chosen.pop()
+        n = a if a.name == name else b if b.name == name else None
+        if n is not None:
+            why = f"the admin chose {name} as the survivor (resolve)"
+            return (n.name, why) if n.can_promote else (None, f"{why}, but it cannot "
+                                                               f"become primary now")
     if a.diverged and b.diverged:
         return None, _split_brain(f"both nodes acknowledged writes while apart "
                                   f"(epochs {min(a.epoch, b.epoch)} and {max(a.epoch, b.epoch)})")

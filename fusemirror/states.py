@@ -96,6 +96,7 @@ class NodeStatus:
     link_stalled: bool = False     # ... but the peer has stopped acknowledging them
     hears_peer: bool = True        # this node hears its peer now (False: a one-way loss
                                    # when the peer hears it)
+    resolve: str = ""              # split brain: the node the admin chose as the survivor
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (enums as their string values)."""

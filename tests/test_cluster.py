@@ -213,14 +213,19 @@ def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(
     assert "split-brain guard (ping): ok" in c.command("beta", "state", check=False).stdout
 
 
-def test_without_a_guard_a_cut_makes_two_primaries_that_stop_when_they_meet(cluster):
+def test_without_a_guard_a_cut_makes_two_primaries_and_resolve_keeps_both_histories(cluster):
+    """Mode none: both nodes acknowledge writes while cut apart (two primaries). When
+    they meet, nothing is overwritten until the admin picks the survivor; then every
+    write either node acknowledged is on the survivor or in the other's quarantine."""
     c = cluster(witness='mode = "none"\ni_accept_split_brain = true')
     _pair(c)
-    writer, log = c.client(duration=6)
+    writer, log = c.client(duration=6)                  # through the VIP: beta's side
+    local, local_log = _local_writer(c, "alpha", 6)     # alpha's own application
     time.sleep(1.5)
     c.lab.link_down("alpha", side="bridge")
     c.wait_state("beta", "ALONE", timeout=20)
     assert writer.wait(timeout=30) == 0
+    local.wait(timeout=30)
     acked, lost = _lost(c, log)
     assert acked and not lost
     c.lab.link_up("alpha", side="bridge")
@@ -228,19 +233,40 @@ def test_without_a_guard_a_cut_makes_two_primaries_that_stop_when_they_meet(clus
     # nothing is overwritten; the admin picks the survivor.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        states = [c.state(n)["me"] for n in ("alpha", "beta")]
-        primaries = [s for s in states if s["state"] in ("PRIM", "ALONE")]
-        if len(primaries) <= 1 and not any(s["busy"] for s in states):
+        alpha, beta = (c.state(n)["me"] for n in ("alpha", "beta"))
+        if alpha["state"] == "WAIT" and "split brain" in alpha["reason"] and not beta["busy"] \
+                and beta["state"] in ("WAIT", "ALONE"):
             break
         time.sleep(0.1)
-    assert len(primaries) <= 1, states
-    if not primaries:
-        assert all("split brain" in s["reason"] for s in states), states
-        c.command("beta", "primforce")
-        c.wait_state("beta", "ALONE", timeout=20)
-    c.command("alpha", "second")
-    c.wait_state("alpha", "SECOND", readiness=None, timeout=20)
+    assert alpha["state"] == "WAIT" and "split brain" in alpha["reason"], (alpha, beta)
+    (changed,) = c.state("alpha")["divergence"]          # what alpha wrote while apart
+    assert "local.log" in changed["paths"], changed
+    assert "changed while apart" in c.command("alpha", "state", check=False).stdout
+    p = c.command("alpha", "resolve", "--keep", "beta")
+    assert "beta is kept as the source" in p.stdout
+    c.wait_state("beta", "PRIM", timeout=30)
+    me = c.wait_state("alpha", "SECOND", readiness="Ready", timeout=40)
+    assert me["uptodate"] and not me["diverged"]
+    deadline = time.monotonic() + 10                     # the split brain is over
+    while c.state("alpha")["me"]["resolve"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not c.state("alpha")["me"]["resolve"]
     assert acked <= c.records()
+    # alpha's own acknowledged records: on beta (before the cut) or in alpha's quarantine
+    alpha_acked = {e["seq"] for e in map(json.loads, open(local_log)) if "acked" in e}
+    with open(os.path.join(c.folder("beta"), "local.log")) as f:
+        on_beta = {int(line) for line in f if line.strip()}
+    top = os.path.join(os.path.dirname(os.path.realpath(c.folder("alpha"))),
+                       ".fusemirror-quarantine")
+    kept = set()
+    for root, _, files in os.walk(top):
+        for name in files:
+            if name.startswith("local.log"):
+                with open(os.path.join(root, name)) as f:
+                    kept |= {int(line) for line in f if line.strip()}
+    assert alpha_acked and alpha_acked <= on_beta | kept, sorted(alpha_acked - on_beta - kept)
+    assert alpha_acked - on_beta, "alpha acknowledged nothing while apart: no split brain"
+    _verify(c, "beta")
 
 
 def test_a_graceful_stop_hands_over_at_once(cluster):
