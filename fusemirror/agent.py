@@ -504,6 +504,8 @@ class Agent:
                 "policy": self.o.policy.value, "inodes": len(self.tree),
                 "open_files": len(self.fs._files),
                 "write_deadline": self.fs.write_deadline,
+                "journal": {"items": len(self.journal.dirty.nodes | set(self.journal.dirty.chunks)),
+                            "everything": self.journal.dirty.everything},
                 "mirror": self.mirror.status() if self.mirror else None,
                 "resync": (dict(self.resync.status(), error=self.resync_error)
                            if self.resync else None),

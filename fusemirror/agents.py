@@ -90,6 +90,14 @@ class FolderAgent:
         return bool(self.status is None or self.status["state"].get("uptodate", True))
 
     @property
+    def journal_items(self) -> int:
+        """Items this copy changed while its peer was behind (a huge number: everything)."""
+        j = self.status and self.status.get("journal")
+        if not j:
+            return 0
+        return 1 << 30 if j.get("everything") else int(j.get("items", 0))
+
+    @property
     def resync(self) -> dict | None:
         """The primary's side: progress of the running or last resynchronisation."""
         return self.status and self.status.get("resync")

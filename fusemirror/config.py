@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from . import errors as X
+from .decide import SPLIT_BRAIN_POLICIES
 
 CONFIG_DIR = "/etc/fusemirror"
 ALONE, LASTPRIM = "alone", "lastprim"        # defaultprim values besides a node name
@@ -147,6 +148,7 @@ class RestartGuard:
 class Failover:
     automatic: bool = True
     defaultprim: str = ALONE
+    split_brain: str = "manual"     # or "last_primary", "most_changes" (decide.py)
 
 
 @dataclass(frozen=True)
@@ -820,7 +822,9 @@ def _failover(t: _Table, nodes: list[Node]) -> Failover:
         t.r.error(t.at("defaultprim"), f"failover.defaultprim must be \"alone\", \"lastprim\" "
                                        f"or a node name, not {_show(defaultprim)}{hint}")
     failover = Failover(automatic=t.get("automatic", _boolean, Failover.automatic),
-                        defaultprim=defaultprim)
+                        defaultprim=defaultprim,
+                        split_brain=t.get("split_brain", _one_of(*SPLIT_BRAIN_POLICIES),
+                                          Failover.split_brain))
     t.finish()
     return failover
 

@@ -97,7 +97,8 @@ class Controller:
         self.script_log = os.path.join(log_dir, f"{self.name}.scripts.log")
         self.policy = Policy(nodes=(config.nodes[0].name, config.nodes[1].name),
                              defaultprim=config.failover.defaultprim,
-                             max_restarts=config.restart.limit, start_wait=START_WAIT)
+                             max_restarts=config.restart.limit, start_wait=START_WAIT,
+                             split_brain=config.failover.split_brain)
         self.store = StateFile(state_dir, self.name)
         if "epoch" not in self.store.data:
             self.store.update(epoch=0, last_primary="", uptodate=True,
@@ -341,7 +342,9 @@ class Controller:
         diverged = any(fa.changed_alone for fa in self.agents.folders)
         return replace(self.status, epoch=s["epoch"], last_primary=s["last_primary"],
                        uptodate=s["uptodate"], failover=s["failover"], diverged=diverged,
-                       resolve=s.get("resolve", ""))
+                       resolve=s.get("resolve", ""),
+                       changes=sum(fa.journal_items for fa in self.agents.folders)
+                       if diverged else 0)
 
     async def _second_facts(self, me: NodeStatus, p: NodeStatus, now: float):
         """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether

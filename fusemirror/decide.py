@@ -99,6 +99,32 @@ class ScriptFailure:
     detail: str = ""          # "exit 1", "after 60 s"
 
 
+SPLIT_BRAIN_POLICIES = ("manual", "last_primary", "most_changes")
+
+
+def _survivor(a: NodeStatus, b: NodeStatus, policy) -> tuple[NodeStatus | None, str]:
+    """In a split brain, the node kept without the admin: by `resolve`, else by the
+    configured automatic policy (none when manual, or when the rule cannot tell)."""
+    chosen = {n.resolve for n in (a, b) if n.resolve}
+    if len(chosen) > 1:
+        return None, f"the admin chose both {' and '.join(sorted(chosen))} (resolve on each " \
+                     f"node): choose one"
+    if chosen:
+        name = chosen.pop()
+        n = a if a.name == name else b if b.name == name else None
+        return n, f"the admin chose {name} as the survivor (resolve)"
+    rule = policy.split_brain if policy is not None and a.diverged and b.diverged \
+        else "manual"
+    if rule == "last_primary" and a.epoch != b.epoch:
+        n = a if a.epoch > b.epoch else b
+        return n, f"{n.name} was promoted last (split_brain = last_primary)"
+    if rule == "most_changes" and a.changes != b.changes:
+        n = a if a.changes > b.changes else b
+        return n, (f"{n.name} made more changes while apart ({n.changes} items; "
+                   f"split_brain = most_changes)")
+    return None, ""
+
+
 @dataclass(frozen=True)
 class Policy:
     """The part of the module configuration that decisions depend on."""
@@ -107,6 +133,7 @@ class Policy:
     defaultprim: str = "lastprim"   # "alone" | "lastprim" | one of the node names
     max_restarts: int = 3           # restart loop guard: restarts allowed in the window
     start_wait: float = 5.0         # seconds a starting node waits to hear its peer
+    split_brain: str = "manual"     # "manual" | "last_primary" | "most_changes"
 
     def __post_init__(self):
         if len(self.nodes) != 2 or self.nodes[0] == self.nodes[1]:
@@ -114,6 +141,9 @@ class Policy:
         if self.defaultprim not in ("alone", "lastprim", *self.nodes):
             raise ValueError(f"defaultprim must be alone, lastprim or a node name, "
                              f"not {self.defaultprim!r}")
+        if self.split_brain not in SPLIT_BRAIN_POLICIES:
+            raise ValueError(f"split_brain must be one of {', '.join(SPLIT_BRAIN_POLICIES)}, "
+                             f"not {self.split_brain!r}")
 
 
 @dataclass(frozen=True)
@@ -305,11 +335,12 @@ def _split_brain(detail: str) -> str:
     return f"split brain: {detail}; nothing is overwritten and the admin must pick the survivor"
 
 
-def _conflict_with_primary(me: NodeStatus, p: NodeStatus) -> str | None:
+def _conflict_with_primary(me: NodeStatus, p: NodeStatus, policy=None) -> str | None:
     """Why this node cannot follow primary p without losing writes, if it cannot. None
-    too when the admin chose p as the survivor: this node's own versions then go to
-    quarantine as it is resynchronised."""
-    if p.name in (me.resolve, p.resolve):
+    too when p is the survivor (the admin's resolve, or the automatic split-brain
+    policy): this node's own versions then go to quarantine as it is resynchronised."""
+    kept, _ = _survivor(me, p, policy)
+    if kept is not None and kept.name == p.name:
         return None
     if me.diverged:
         return _split_brain(f"this node acknowledged writes that {p.name} "
@@ -343,17 +374,13 @@ def elect(a: NodeStatus, b: NodeStatus, policy: Policy) -> tuple[str | None, str
     the winner promotes only once the other's vote agrees. Newer data always wins;
     defaultprim only breaks a tie between equal copies. In a split brain, the node the
     admin chose (resolve) wins."""
-    chosen = {n.resolve for n in (a, b) if n.resolve}
-    if len(chosen) > 1:
-        return None, _split_brain(f"the admin chose both {' and '.join(sorted(chosen))} "
-                                  f"(resolve on each node): choose one")
-    if chosen:
-        name = chosen.pop()
-        n = a if a.name == name else b if b.name == name else None
-        if n is not None:
-            why = f"the admin chose {name} as the survivor (resolve)"
-            return (n.name, why) if n.can_promote else (None, f"{why}, but it cannot "
-                                                               f"become primary now")
+    n, why = _survivor(a, b, policy) if a.diverged or b.diverged or a.resolve or b.resolve \
+        else (None, "")
+    if n is not None:
+        return (n.name, why) if n.can_promote else (None, f"{why}, but it cannot "
+                                                           f"become primary now")
+    if why:
+        return None, _split_brain(why)
     if a.diverged and b.diverged:
         return None, _split_brain(f"both nodes acknowledged writes while apart "
                                   f"(epochs {min(a.epoch, b.epoch)} and {max(a.epoch, b.epoch)})")
@@ -557,7 +584,7 @@ def _cmd_second(view, policy):
     if not view.mounts_ok:
         return _refuse(view, "second refused: a mount agent is not healthy")
     tail = ("; this node's divergent changes go to quarantine"
-            if _conflict_with_primary(me, p) else "")
+            if _conflict_with_primary(me, p, policy) else "")
     return _to(view, Action.BECOME_SECOND, State.SECOND, TRANSIENT,
                f"became SECOND of {p.name} at the admin's request{tail}")
 
@@ -604,7 +631,7 @@ def _in_stop(view, policy):
 def _in_wait(view, policy):
     me, p = view.me, _heard(view)
     if p is not None and p.state.is_primary:
-        conflict = _conflict_with_primary(me, p)
+        conflict = _conflict_with_primary(me, p, policy)
         if conflict:
             return _wait(view, conflict)
         if not view.mounts_ok:
@@ -655,7 +682,7 @@ def _in_second(view, policy):
 def _follow(view, policy, p):
     me = view.me
     if p.epoch < me.epoch:
-        return _wait(view, _conflict_with_primary(replace(me, diverged=False), p))
+        return _wait(view, _conflict_with_primary(replace(me, diverged=False), p, policy))
     if not view.mounts_ok:
         # The primary waits for this node's acknowledgements: leaving the mirror lets
         # it go on alone instead of failing the application's writes.

@@ -97,6 +97,7 @@ class NodeStatus:
     hears_peer: bool = True        # this node hears its peer now (False: a one-way loss
                                    # when the peer hears it)
     resolve: str = ""              # split brain: the node the admin chose as the survivor
+    changes: int = 0               # items this node changed while its peer was behind
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (enums as their string values)."""

@@ -213,11 +213,15 @@ def test_a_pulled_cable_fences_the_isolated_primary_and_the_survivor_takes_over(
     assert "split-brain guard (ping): ok" in c.command("beta", "state", check=False).stdout
 
 
-def test_without_a_guard_a_cut_makes_two_primaries_and_resolve_keeps_both_histories(cluster):
+@pytest.mark.parametrize("split_brain", ["manual", "last_primary"])
+def test_without_a_guard_a_cut_makes_two_primaries_and_resolve_keeps_both_histories(
+        cluster, split_brain):
     """Mode none: both nodes acknowledge writes while cut apart (two primaries). When
-    they meet, nothing is overwritten until the admin picks the survivor; then every
-    write either node acknowledged is on the survivor or in the other's quarantine."""
-    c = cluster(witness='mode = "none"\ni_accept_split_brain = true')
+    they meet, nothing is overwritten until the admin picks the survivor (or, with
+    split_brain = last_primary, the node promoted last is kept); then every write either
+    node acknowledged is on the survivor or in the other's quarantine."""
+    c = cluster(witness='mode = "none"\ni_accept_split_brain = true',
+                failover=f'defaultprim = "alpha"\nsplit_brain = "{split_brain}"')
     _pair(c)
     writer, log = c.client(duration=6)                  # through the VIP: beta's side
     local, local_log = _local_writer(c, "alpha", 6)     # alpha's own application
@@ -231,19 +235,20 @@ def test_without_a_guard_a_cut_makes_two_primaries_and_resolve_keeps_both_histor
     c.lab.link_up("alpha", side="bridge")
     # Both ran alone: nothing tells which writes matter, so neither stays primary and
     # nothing is overwritten; the admin picks the survivor.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        alpha, beta = (c.state(n)["me"] for n in ("alpha", "beta"))
-        if alpha["state"] == "WAIT" and "split brain" in alpha["reason"] and not beta["busy"] \
-                and beta["state"] in ("WAIT", "ALONE"):
-            break
-        time.sleep(0.1)
-    assert alpha["state"] == "WAIT" and "split brain" in alpha["reason"], (alpha, beta)
-    (changed,) = c.state("alpha")["divergence"]          # what alpha wrote while apart
-    assert "local.log" in changed["paths"], changed
-    assert "changed while apart" in c.command("alpha", "state", check=False).stdout
-    p = c.command("alpha", "resolve", "--keep", "beta")
-    assert "beta is kept as the source" in p.stdout
+    if split_brain == "manual":
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            alpha, beta = (c.state(n)["me"] for n in ("alpha", "beta"))
+            if alpha["state"] == "WAIT" and "split brain" in alpha["reason"] \
+                    and not beta["busy"] and beta["state"] in ("WAIT", "ALONE"):
+                break
+            time.sleep(0.1)
+        assert alpha["state"] == "WAIT" and "split brain" in alpha["reason"], (alpha, beta)
+        (changed,) = c.state("alpha")["divergence"]          # what alpha wrote while apart
+        assert "local.log" in changed["paths"], changed
+        assert "changed while apart" in c.command("alpha", "state", check=False).stdout
+        p = c.command("alpha", "resolve", "--keep", "beta")
+        assert "beta is kept as the source" in p.stdout
     c.wait_state("beta", "PRIM", timeout=30)
     me = c.wait_state("alpha", "SECOND", readiness="Ready", timeout=40)
     assert me["uptodate"] and not me["diverged"]

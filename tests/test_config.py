@@ -339,6 +339,10 @@ CASES = {
     "defaultprim": (MINIMAL + '[failover]\ndefaultprim = "bta" #<\n',
                     "failover.defaultprim must be \"alone\", \"lastprim\" or a node name, "
                     "not \"bta\" (did you mean 'beta'?)"),
+    "split_brain": (MINIMAL + '[failover]\nsplit_brain = "newest" #<\n',
+                    "failover.split_brain must be one of manual, last_primary, most_changes"),
+    "resync_rate": (MINIMAL + '[replication]\nresync_rate = -1 #<\n',
+                    "replication.resync_rate must be"),
     "automatic": (MINIMAL + '[failover]\nautomatic = "yes" #<\n',
                   'failover.automatic must be true or false, not "yes"'),
     "on_peer_loss": (MINIMAL + '[replication]\non_peer_loss = "panic" #<\n',
