@@ -146,10 +146,12 @@ class _Items:
     changes are in the order they were applied here. Otherwise it only counts the
     change, so that a resync starts once the changes begun without locks are done."""
 
-    __slots__ = ("fs", "inos", "touch", "extent", "wide", "locks", "token", "current")
+    __slots__ = ("fs", "inos", "touch", "extent", "wide", "mark", "locks", "token", "current")
 
-    def __init__(self, fs, inos: tuple, touch: tuple = (), extent=None, wide: bool = False):
+    def __init__(self, fs, inos: tuple, touch: tuple = (), extent=None, wide: bool = False,
+                 mark: bool = True):
         self.fs, self.inos, self.touch = fs, inos, touch
+        self.mark = mark            # False: nothing to journal (an open without O_TRUNC)
         self.extent = extent        # (offset, length) written in the first item
         self.wide = wide            # it may move a whole subtree or add a link: the journal
         #                             then asks for a full resynchronisation
@@ -191,6 +193,8 @@ class _Items:
     async def journal(self, journal, created: set) -> None:
         """Record durably what this change touches (before it is applied here): the
         peer is out of date, or this change goes on without it."""
+        if not self.mark:
+            return
         if self.wide:
             await journal.mark_everything()
             return
@@ -238,8 +242,8 @@ class MirrorFS(pyfuse3.Operations):
         self._unlocked = 0          # changes in progress that took no resync lock
         self._quiet = trio.Event()
 
-    def _items(self, *inos, touch=(), extent=None, wide=False) -> _Items:
-        return _Items(self, inos, touch, extent, wide)
+    def _items(self, *inos, touch=(), extent=None, wide=False, mark=True) -> _Items:
+        return _Items(self, inos, touch, extent, wide, mark)
 
     async def start_resync(self, resync) -> None:
         """From now on changes take resync's item locks; returns once no change that
@@ -452,7 +456,7 @@ class MirrorFS(pyfuse3.Operations):
     @_answer
     async def open(self, ino, flags, ctx):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        async with self._items(ino) if writable else _NOTHING:
+        async with self._items(ino, mark=bool(flags & os.O_TRUNC)) if writable else _NOTHING:
             replicate = await self._may_change() if writable else False
             path = self._name_of(ino) if writable else None     # before O_TRUNC acts here
             if path is None:

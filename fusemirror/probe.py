@@ -43,10 +43,13 @@ def xattrs_of(fd: int) -> dict:
 _READ = 1 << 20
 
 
-def chunk_hashes(fd: int, block: int) -> list[int]:
-    """xxh3-64 of each block of the file behind fd (O_PATH is fine), read 1 MiB at a time."""
+def chunk_hashes(fd: int, block: int, only: list | None = None) -> list:
+    """xxh3-64 of each block of the file behind fd (O_PATH is fine), read 1 MiB at a time.
+    only: [first, last] block ranges; the other blocks' entries are None (not read)."""
     rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if only is not None:
+            return _some_hashes(rfd, block, only)
         out = []
         step = max(block, _READ - _READ % block)
         off = 0
@@ -63,6 +66,21 @@ def chunk_hashes(fd: int, block: int) -> list[int]:
 
 
 SMALL = 1 << 20     # files up to this size have their hashes in their directory's entries
+
+
+def _some_hashes(rfd: int, block: int, only: list) -> list:
+    size = os.fstat(rfd).st_size
+    count = -(-size // block)
+    out: list = [None] * count
+    for first, last in only:
+        last = min(last, count - 1)
+        if first > last:
+            continue
+        data = os.pread(rfd, (last - first + 1) * block, first * block)
+        view = memoryview(data)
+        for i in range(0, len(view), block):
+            out[first + i // block] = xxhash.xxh3_64_intdigest(view[i:i + block])
+    return out
 
 
 def _entries(fd: int, what: int, block: int) -> list:
@@ -92,8 +110,9 @@ def _entries(fd: int, what: int, block: int) -> list:
         os.close(rfd)
 
 
-def describe_fd(fd: int, what: int = 0, block: int = 1 << 15) -> dict:
-    """Describe the node behind fd (an O_PATH, O_NOFOLLOW descriptor)."""
+def describe_fd(fd: int, what: int = 0, block: int = 1 << 15, only: list | None = None) -> dict:
+    """Describe the node behind fd (an O_PATH, O_NOFOLLOW descriptor); only: the block
+    ranges to hash (None: all)."""
     st = os.fstat(fd)
     d = {"exists": True, "type": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
          "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size, "mtime": st.st_mtime_ns,
@@ -105,11 +124,12 @@ def describe_fd(fd: int, what: int = 0, block: int = 1 << 15) -> dict:
     if what & ENTRIES and stat.S_ISDIR(st.st_mode):
         d["entries"] = _entries(fd, what, block)
     if what & HASHES and stat.S_ISREG(st.st_mode):
-        d["hashes"] = chunk_hashes(fd, block)
+        d["hashes"] = chunk_hashes(fd, block, only)
     return d
 
 
-def describe(root_fd: int, path: bytes, what: int = 0, block: int = 1 << 15) -> dict:
+def describe(root_fd: int, path: bytes, what: int = 0, block: int = 1 << 15,
+             only: list | None = None) -> dict:
     """Describe the node at path beneath root_fd; {"exists": False} when there is none."""
     try:
         fd = sysops.open_beneath(root_fd, path, os.O_PATH | os.O_NOFOLLOW)
@@ -118,7 +138,7 @@ def describe(root_fd: int, path: bytes, what: int = 0, block: int = 1 << 15) -> 
             return {"exists": False}    # a symlink or a file where a directory should be
         raise
     try:
-        return describe_fd(fd, what, block)
+        return describe_fd(fd, what, block, only)
     finally:
         os.close(fd)
 

@@ -160,8 +160,9 @@ SCHEMAS: dict[Kind, tuple[tuple[str, str], ...]] = {
     # (ACK ESTALE) when its copy may hold changes of its own (it was a primary since).
     Kind.RESYNC_BEGIN: (("full", "B"),),
     # Describe the node at path (answered by MANIFEST frames holding one JSON object):
-    # what bit 0: a directory's entries, bit 1: a file's chunk hashes of `chunk` bytes.
-    Kind.PROBE: (("what", "B"), ("chunk", "I"), ("path", "b")),
+    # what bit 0: a directory's entries, bit 1: a file's hashes of blocks of `chunk`
+    # bytes; blocks: empty (all), or JSON [[first, last], ...] block ranges to hash.
+    Kind.PROBE: (("what", "B"), ("chunk", "I"), ("path", "b"), ("blocks", "b")),
     # Write data at offset into the file at path (resynchronisation of a chunk).
     Kind.PUT: (("offset", "Q"), ("path", "b"), ("data", "b")),
     # Remove whatever is at path, a directory with everything under it.

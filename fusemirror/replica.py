@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import errno as E
+import json
 import logging
 import os
 
@@ -236,7 +237,8 @@ class ReplicaServer:
 
     def _probe(self, msg: P.Message) -> bytes:
         try:
-            d = probe.describe(self.root_fd, msg.path, msg.what, max(msg.chunk, 4096))
+            only = json.loads(msg.blocks) if msg.blocks else None
+            d = probe.describe(self.root_fd, msg.path, msg.what, max(msg.chunk, 4096), only)
         except OSError as e:
             d = {"exists": False, "error": f"{msg.path!r}: {e.strerror or e}"}
         return probe.dumps(d)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import errno as E
+import json
 import logging
 import os
 import stat
@@ -37,7 +38,7 @@ import time
 
 import trio
 
-from . import probe
+from . import journal, probe
 from . import protocol as P
 from . import sysops
 from .mirror import TOUCHED, Link
@@ -227,7 +228,7 @@ class Resync:
                     if stat.S_ISDIR(os.fstat(fd).st_mode):
                         await self._walk(fd, own=False, force=True)
                     else:
-                        await self._leaf(fd)
+                        await self._leaf(fd, force=True)
                 finally:
                     os.close(fd)
             self._check()
@@ -295,9 +296,10 @@ class Resync:
             self._check()
             raise ResyncFailed(f"an item could not be named for {kind.name}")
 
-    async def _probe(self, path, what: int) -> dict:
-        p = await self.mirror.begin(K.PROBE, dict(what=what, chunk=self.block, path=path),
-                                    patient=True)
+    async def _probe(self, path, what: int, only: list | None = None) -> dict:
+        blocks = json.dumps(only).encode() if only is not None else b""
+        p = await self.mirror.begin(K.PROBE, dict(what=what, chunk=self.block, path=path,
+                                                  blocks=blocks), patient=True)
         if p is None:
             self._check()
             raise ResyncFailed("an item could not be named for PROBE")
@@ -490,9 +492,11 @@ class Resync:
         finally:
             os.close(fd)
 
-    async def _leaf(self, fd: int, theirs: dict | None = None) -> None:
+    async def _leaf(self, fd: int, theirs: dict | None = None, force: bool = False) -> None:
         """Make the peer's copy of this file (symlink, device...) equal to ours. theirs:
-        the peer's description if known (from its directory), else it is probed."""
+        the peer's description if known (from its directory), else it is probed. A file
+        the journal names only for data: only the blocks of its journaled chunks are
+        compared (force: all)."""
         ino = self._ino(fd)
         async with self.lock(ino):
             self._check()
@@ -502,16 +506,17 @@ class Resync:
                 return                      # removed: nothing to copy
             st = os.fstat(fd)
             what = probe.HASHES if stat.S_ISREG(st.st_mode) else 0
+            only = None if force or theirs is not None else self._journaled_blocks(ino)
             if theirs is None or "hashes" not in theirs and what:
                 # Both copies are hashed at the same time, here in a thread.
                 got = {}
 
                 async def peer():
-                    got["theirs"] = await self._probe(self._at(fd), what)
+                    got["theirs"] = await self._probe(self._at(fd), what, only)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(peer)
                     ours = await trio.to_thread.run_sync(probe.describe_fd, fd, what,
-                                                         self.block)
+                                                         self.block, only)
                 theirs = got["theirs"]
             else:
                 ours = probe.describe_fd(fd, what, self.block)
@@ -523,8 +528,21 @@ class Resync:
             await self._fix_attrs(self._at(fd), ours, theirs)
             if ours["type"] == stat.S_IFREG:
                 await self._rebind(ino, fd)
-            self._handled(ino, ours.get("size", 0))
+            compared = ours.get("size", 0)
+            if only is not None:
+                compared = min(compared, sum(last - first + 1 for first, last in only)
+                               * self.block)
+            self._handled(ino, compared)
         self._forget_lock(ino)
+
+    def _journaled_blocks(self, ino: int) -> list | None:
+        """Fast resync of a file whose data only changed: its journaled chunks, as block
+        ranges; None: compare all of it (full resync, or its attributes changed too)."""
+        d = self.dirty
+        if d is None or ino in d.nodes or ino not in d.chunks:
+            return None
+        per = max(journal.DEFAULT_CHUNK // self.block, 1)
+        return [[c * per, c * per + per - 1] for c in sorted(d.chunks[ino])]
 
     async def _send_chunks(self, fd: int, ours: dict, theirs: dict) -> None:
         runs = _runs(ours["hashes"], theirs.get("hashes") or [], self.block)

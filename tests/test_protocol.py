@@ -86,7 +86,7 @@ SAMPLES: dict[Kind, dict] = {
     Kind.MANIFEST_REQ: {},
     Kind.PING: {},
     Kind.RESYNC_BEGIN: dict(full=1),
-    Kind.PROBE: dict(what=3, chunk=1 << 20, path=NOT_UTF8),
+    Kind.PROBE: dict(what=3, chunk=1 << 20, path=NOT_UTF8, blocks=b"[[0, 31]]"),
     Kind.PUT: dict(offset=U64_MAX, path=b"a/b", data=b"\x00" * 5000),
     Kind.REMOVE: dict(path=b"d/e"),
     Kind.RESYNC_DONE: {},
