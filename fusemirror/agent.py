@@ -190,7 +190,8 @@ class Agent:
             raise X.Failure(X.PEER_UNREACHABLE, str(e)) from None
         except HandshakeRefused as e:
             raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} refused us: {e}") from None
-        if mirror.link.value == "outdated" and self.o.policy == Policy.BLOCK:
+        if mirror.link.value == "outdated" and self.o.policy == Policy.BLOCK \
+                and mirror.version < 2:
             await mirror.close()
             raise X.Failure(X.REFUSED, f"peer {peer[0]}:{peer[1]} is out of date; with "
                                        f"--on-peer-loss block nothing could be written")

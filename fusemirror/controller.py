@@ -683,7 +683,13 @@ class Controller:
                         "; ".join(errors))
             await self._agents_to(ALONE, lost=True)
             return
-        self.replicating = True
+        links = [fa.link for fa in self.agents.folders]
+        if all(k == "connected" for k in links):
+            self.replicating = True
+        else:
+            # The peer's copy must be compared first (a first pairing): the agents
+            # resynchronise it, and replication counts once they are all connected.
+            log.info("%s is resynchronised first (links: %s)", self.peer_node.name, links)
 
     async def _agents_to(self, role: str, lost: bool = False, fence: bool = False) -> None:
         if role != PRIMARY:

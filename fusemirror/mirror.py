@@ -150,12 +150,20 @@ class Mirror:
         """First connection; raises PeerUnreachable or HandshakeRefused."""
         fs, welcome = await self._open()
         self._fs = fs
-        if not welcome.uptodate or self.state.get("peer_outdated"):
+        first = fs.version >= 2 and not self.state.get("peer_synced")
+        if not welcome.uptodate or self.state.get("peer_outdated") or first:
             reason = self.state.get("reason") or "the peer reports its copy is out of date"
+            if first and not self.state.get("peer_outdated"):
+                # Nothing says the two copies are equal (the folders may have held data
+                # before they were paired): everything is compared once.
+                reason = "first pairing: the peer's copy was never compared with this one"
+                if self.journal is not None:
+                    await self.journal.mark_everything()
             self.state.mark_peer_outdated(reason)
             self._set(Link.OUTDATED)
-            log.error("peer %s:%s is OUT OF DATE (%s): nothing is replicated until it is "
-                      "resynchronised", *self.peer, reason)
+            log.log(logging.INFO if reason.startswith("first pairing") else logging.ERROR,
+                    "peer %s:%s is OUT OF DATE (%s): it is resynchronised before it counts as "
+                    "a copy", *self.peer, reason)
         else:
             await trio.to_thread.run_sync(self.state.mark_acting, True)
             self._set(Link.CONNECTED)

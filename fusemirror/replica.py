@@ -158,8 +158,10 @@ class ReplicaServer:
             self.session = Session(hello.session, self.root_fd)
         own = self.state.get("changed_alone") or self.state.get("needs_full")
         uptodate = self.state.get("uptodate", True) and not own
-        if self.state.get("changed_alone") and self.quarantine_folder is not None:
-            # Every change of this session may overwrite one of this copy's own.
+        if (self.state.get("changed_alone") or not self.state.get("resynced_at")) \
+                and self.quarantine_folder is not None and fs.version >= 2:
+            # Every change of this session may overwrite one of this copy's own (or of
+            # what the folder held before it was first paired).
             await self._start_quarantine()
         await fs.send(P.Kind.WELCOME, 0, dict(last_seq=self.session.last_seq,
                                               resumed=int(resumed), uptodate=int(uptodate)))
@@ -253,8 +255,8 @@ class ReplicaServer:
                 await trio.to_thread.run_sync(lambda: self.state.update(quarantine_dir=folder))
             self.quarantine = Quarantine(self.root_fd, folder)
         self.session.applier.quarantine = self.quarantine
-        log.warning("this copy has changes its primary lacks: what the resynchronisation "
-                    "overwrites or removes is kept in %s", folder)
+        log.info("until this copy is resynchronised, what the primary overwrites or removes "
+                 "of it is kept in %s", self.quarantine.folder)
 
     async def _resync_step(self, kind: P.Kind, full: bool = True) -> int:
         """RESYNC_BEGIN: this copy is out of date until the resynchronisation ends.

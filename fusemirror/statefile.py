@@ -110,7 +110,7 @@ class StateFile:
         """Primary: the peer's copy equals ours again; what changed alone is forgotten."""
         with self._lock:
             self._update(dict(peer_outdated=False, changed_alone=False, reason="",
-                              peer_resynced_at=time.time()))
+                              peer_resynced_at=time.time(), peer_synced=True))
 
     def mark_acting(self, acting: bool) -> None:
         """Primary: changes may be in flight to an up-to-date peer without being journaled

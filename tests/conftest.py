@@ -230,9 +230,15 @@ class Pair:
                                   "--timeout", self.timeout, *extra, check=check)
 
     def start(self):
+        """Both mounted, and the first pairing's comparison of the two copies done."""
         self.mount_replica()
         self.mount_primary()
+        self.wait_connected()
         return self
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        wait_for(lambda: (self.primary.status().get("mirror") or {}).get("link") == "connected",
+                 timeout=timeout, what="the primary's link to be connected")
 
     def backing_difference(self) -> list[str]:
         return describe_difference(snapshot(self.primary.backing_fd),
