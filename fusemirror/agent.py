@@ -150,7 +150,6 @@ class Agent:
         self.fs = MirrorFS(self.tree, self.state, role=ALONE, cache_timeout=o.cache_timeout,
                            compress=o.compress)
         self.fs.journal = self.journal
-        self._full_next = False             # the admin asked for a full resynchronisation
         self.mirror: Mirror | None = None
         self.replica: ReplicaServer | None = None
         self._nursery: trio.Nursery | None = None
@@ -172,7 +171,24 @@ class Agent:
                    timeout=self.o.timeout, label=os.fsencode(self.o.mountpoint),
                    versions=self.o.versions, on_outdated=outdated)
         m.journal = self.journal
+        m.on_back_outdated = lambda: self._nursery.start_soon(self._relink, m)
         return m
+
+    async def _relink(self, mirror: Mirror) -> None:
+        """The peer came back out of date (it dropped our session): a new link to it,
+        which resynchronises it at once."""
+        async with self._lock:
+            if mirror is not self.mirror or self.fs.role != PRIMARY:
+                return
+            try:
+                new = await self._connect_new_primary(mirror.peer)
+            except X.Failure:
+                return                      # logged; the controller or the admin goes on
+            self.fs.pause()
+            try:
+                await self._adopt_primary(new)
+            finally:
+                self.fs.resume()
 
     def _new_replica(self) -> ReplicaServer:
         r = ReplicaServer(self.root_fd, self.o.secret, self.state,
@@ -222,30 +238,34 @@ class Agent:
         self._maybe_resync(mirror)
 
     # --- resynchronisation -------------------------------------------------------------
-    def _maybe_resync(self, mirror: Mirror) -> None:
+    def _maybe_resync(self, mirror: Mirror) -> bool:
         """An out-of-date peer that speaks resynchronisation is brought up to date at once,
-        in the background. The link turns RESYNC here, before anything else is sequenced."""
-        if self._resyncing or mirror is not self.mirror or not self.state.get("peer_outdated") \
+        in the background. The link turns RESYNC here, before anything else is sequenced.
+        True when one runs (already, or from now)."""
+        if self._resyncing:
+            return True
+        if mirror is not self.mirror or not self.state.get("peer_outdated") \
                 or mirror.version < 2 or mirror.link.value not in ("outdated", "connected"):
-            return
-        dirty = None if self._full_next else self.journal.dirty.copy()
-        self._full_next = False
+            return False
+        dirty = self.journal.dirty.copy()
         r = Resync(self.fs, mirror, block=self.o.resync_block, rate=self.o.resync_rate,
                    dirty=dirty)
         try:
             r.attach()
         except PeerError as e:
             log.warning("cannot resynchronise now: %s", e)
-            return
+            return False
         self.resync, self.resync_error, self._resyncing = r, None, True
         self._resync_scope = scope = trio.CancelScope()
         self._nursery.start_soon(self._resync, mirror, r, scope)
+        return True
 
     async def _resync(self, mirror: Mirror, r: Resync, scope: trio.CancelScope) -> None:
         try:
             with scope:
                 await r.run()
                 self._resync_failures = 0
+                self.fs.created.clear()         # they are on the peer now
                 return
         except (ResyncFailed, PeerError, OSError) as e:
             r.progress["state"] = "failed"
@@ -317,8 +337,12 @@ class Agent:
                                           "a resynchronisation was asked for")
         if m.link.value not in ("outdated", "connected"):
             raise X.Failure(X.PEER_UNREACHABLE, f"the link to the peer is {m.link.value}")
-        self._full_next = full or m.link.value == "connected"
-        self._maybe_resync(m)
+        if full or m.link.value == "connected":
+            # Durable, unlike a flag: an interrupted attempt is followed by a full one too.
+            await self.journal.mark_everything()
+        if not self._maybe_resync(m):
+            raise X.Failure(X.FAILED, f"the resynchronisation could not start (link "
+                                      f"{m.link.value}); see the agent's log")
 
     async def _reopen_files(self, mirror: Mirror) -> None:
         """Files already open for writing (in another role) get their handle on the peer."""

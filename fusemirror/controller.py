@@ -356,7 +356,7 @@ class Controller:
                             or not all(fa.uptodate for fa in folders)):
             why = (f"{p.name} acknowledged writes this node does not have" if p.diverged
                    else f"{p.name} is primary without replicating to this node"
-                   if not p.replicating else "a replica could not apply a change")
+                   if not p.replicating else "a replica reports its copy out of date")
             await self._persist(uptodate=False)
             log.warning("this copy is now out of date: %s", why)
             me = replace(me, uptodate=False)

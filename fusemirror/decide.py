@@ -456,6 +456,12 @@ def _fence(view, policy) -> Decision | None:
     me, p = view.me, _heard(view)
     if not me.state.is_primary:
         return None
+    if p is not None and p.state is State.WAIT and me.diverged and p.diverged:
+        kept, why = _survivor(me, p, policy)
+        if kept is not None and kept.name == p.name:
+            # A split brain resolved in favour of the waiting node: step down for it.
+            return _to(view, Action.FENCE, State.WAIT, NOT_READY,
+                       f"stepped down: split brain resolved, {why}")
     if p is not None and p.state.is_primary:
         return _to(view, Action.FENCE, State.WAIT, NOT_READY, _split_brain(
             f"{p.name} is also primary ({p.state} at epoch {p.epoch}, this node {me.epoch})"))
@@ -682,7 +688,9 @@ def _in_second(view, policy):
 def _follow(view, policy, p):
     me = view.me
     if p.epoch < me.epoch:
-        return _wait(view, _conflict_with_primary(replace(me, diverged=False), p, policy))
+        conflict = _conflict_with_primary(replace(me, diverged=False), p, policy)
+        if conflict:
+            return _wait(view, conflict)
     if not view.mounts_ok:
         # The primary waits for this node's acknowledgements: leaving the mirror lets
         # it go on alone instead of failing the application's writes.

@@ -317,7 +317,7 @@ class MirrorFS(pyfuse3.Operations):
         change = _CHANGE.get()
         if (self.journal is not None and change is not None
                 and (not replicate or self.state.get("peer_outdated"))):
-            await change.journal(self.journal, self.created)
+            await change.journal(self.journal, self.created if not replicate else ())
         return replicate
 
     async def _replicate(self, replicate: bool, kind: K, fields: dict) -> None:

@@ -19,8 +19,9 @@ its first 28 bytes::
             kind 3: everything (a full resynchronisation is needed); ino, first, last 0
 
 Reading stops at the first record that is short or whose CRC is wrong (a torn tail after a
-crash: what follows was never acknowledged). A missing or damaged header, or another chunk
-size, makes the journal say "everything": the next reintegration is then a full one.
+crash: what follows was never acknowledged). A bad record followed by good ones (damage,
+not a torn tail), a damaged header or another chunk size make the journal say
+"everything": the next reintegration is then a full one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def read(path: str, chunk_size: int = DEFAULT_CHUNK) -> Dirty:
     for at in range(RECORD, len(data), RECORD):
         body = _check(data[at:at + RECORD])
         if body is None:
+            if any(_check(data[later:later + RECORD]) is not None
+                   for later in range(at + RECORD, len(data), RECORD)):
+                # Good records after a bad one: not a torn tail, the file is damaged.
+                log.warning("journal %s: damaged record at %d before good ones: everything "
+                            "must be resynchronised", path, at)
+                return Dirty(everything=True)
             if at + RECORD <= len(data):
                 log.warning("journal %s: damaged record at %d: the rest is ignored (a torn "
                             "write after a crash)", path, at)

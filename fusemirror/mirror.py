@@ -120,6 +120,7 @@ class Mirror:
         self.on_failed = None            # resynchronisation: callable(touched) when the
         #                                  peer could not apply a change
         self.journal = None              # journal.Journal: what the peer may lack
+        self.on_back_outdated = None     # the peer answers again, but out of date
         self.stats = {"ops": 0, "bytes": 0, "acks": 0, "reconnects": 0, "last_rtt_us": 0,
                       "rtt_sum_us": 0, "rtt_buckets": [0] * (len(RTT_BOUNDS_US) + 1)}
 
@@ -389,7 +390,10 @@ class Mirror:
                 return
             if not welcome.resumed or not welcome.uptodate:
                 await fs.aclose()
-                await self._outdate("the peer came back without our session")
+                await self._outdate("the peer came back without our session"
+                                    if not welcome.resumed else "the peer's copy is out of date")
+                if self.on_back_outdated is not None:
+                    self.on_back_outdated()     # a new link resynchronises it at once
                 return
             async with self._send_lock:
                 try:

@@ -157,7 +157,8 @@ SCHEMAS: dict[Kind, tuple[tuple[str, str], ...]] = {
     Kind.PING: (),
     # The replica's copy is out of date from now until a RESYNC_DONE it accepts. full=0:
     # only what the primary's journal recorded will be compared; the replica refuses
-    # (ACK ESTALE) when its copy may hold changes of its own (it was a primary since).
+    # (ACK ESTALE) when its copy may hold changes of its own (it was a primary since,
+    # with changes its peer lacks, acknowledged or not).
     Kind.RESYNC_BEGIN: (("full", "B"),),
     # Describe the node at path (answered by MANIFEST frames holding one JSON object):
     # what bit 0: a directory's entries, bit 1: a file's hashes of blocks of `chunk`

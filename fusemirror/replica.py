@@ -158,7 +158,8 @@ class ReplicaServer:
             self.session = Session(hello.session, self.root_fd)
         own = self.state.get("changed_alone") or self.state.get("needs_full")
         uptodate = self.state.get("uptodate", True) and not own
-        if (self.state.get("changed_alone") or not self.state.get("resynced_at")) \
+        never = not (self.state.get("resynced_at") or self.state.get("peer_synced"))
+        if (self.state.get("changed_alone") or never) \
                 and self.quarantine_folder is not None and fs.version >= 2:
             # Every change of this session may overwrite one of this copy's own (or of
             # what the folder held before it was first paired).
@@ -263,8 +264,8 @@ class ReplicaServer:
         RESYNC_DONE: it ends, unless a change failed here since the last attempt (the
         primary then resends what it touched and asks again)."""
         if kind == P.Kind.RESYNC_BEGIN:
-            if not full and (self.state.get("acting_primary") or self.state.get("changed_alone")
-                             or self.state.get("needs_full")):
+            if not full and any(self.state.get(k) for k in (
+                    "acting_primary", "changed_alone", "needs_full", "peer_outdated")):
                 # As a primary, this copy may have taken changes the other node never saw:
                 # what the other's journal says is not enough.
                 return E.ESTALE
@@ -281,8 +282,9 @@ class ReplicaServer:
             if self.on_resynced is not None:
                 self.on_resynced()
             if self.quarantine is not None:
-                log.warning("resynchronised: %d versions of this copy's own changes were kept "
-                            "in %s", self.quarantine.kept, self.quarantine.folder)
+                log.log(logging.WARNING if self.quarantine.kept else logging.INFO,
+                        "resynchronised: %d versions of this copy's own data were kept in %s",
+                        self.quarantine.kept, self.quarantine.folder)
                 self.quarantine = None
                 if self.session is not None:
                     self.session.applier.quarantine = None

@@ -103,7 +103,7 @@ class StateFile:
             self._update(dict(uptodate=True, uptodate_reason="resynchronised",
                               uptodate_changed=time.time(), resynced_at=time.time(),
                               changed_alone=False, acting_primary=False, peer_outdated=False,
-                              needs_full=False, quarantine_dir="",
+                              needs_full=False, quarantine_dir="", peer_synced=True,
                               last_quarantine=self.data.get("quarantine_dir", "")))
 
     def mark_peer_uptodate(self) -> None:

@@ -86,6 +86,18 @@ async def test_a_torn_tail_is_cut_and_what_precedes_it_kept(tmp_path):
     assert dirty.chunks == {1: {0}} and dirty.nodes == {3}
 
 
+async def test_a_damaged_record_before_good_ones_means_everything(tmp_path):
+    path = str(tmp_path / "j")
+    j = J.Journal(path)
+    for ino in (1, 2, 3):
+        await j.mark_data(ino, 0, 1)
+    j.close()
+    with open(path, "r+b") as f:
+        f.seek(J.RECORD * 2 + 10)               # the second record, not the last one
+        f.write(b"\x00\x01\x02")
+    assert J.read(path).everything
+
+
 async def test_a_damaged_header_or_another_chunk_size_means_everything(tmp_path):
     path = str(tmp_path / "j")
     j = J.Journal(path)
