@@ -361,7 +361,9 @@ class Controller:
             log.warning("this copy is now out of date: %s", why)
             me = replace(me, uptodate=False)
         connected = all(fa.replica_connected for fa in folders)
-        since = self.store.get("outdated_at", 0.0)
+        # A resync that ended shortly before this node learnt that its copy was out of
+        # date (the news comes with the heartbeats, late) still counts.
+        since = self.store.get("outdated_at", 0.0) - 2 * self.config.heartbeat.timeout - 1.0
         if (not me.uptodate and p.replicating and not p.diverged and connected
                 and self.agents.healthy() and all(fa.uptodate and fa.resynced_at > since
                                                   for fa in folders)):
@@ -627,6 +629,19 @@ class Controller:
         await self.agents.set_deadline(max(deadline, 0.0))
         self._deadline_sent = max(deadline, 0.0)
 
+    async def _finish_first_resync(self) -> None:
+        """A promotion that resynchronises its peer first (a first pairing): let that end
+        and replicate, so that the peer can take over this epoch if this node gives up."""
+        folders = self.agents.folders
+        if self.replicating or not all(fa.role == PRIMARY and fa.link in ("resync", "connected")
+                                       for fa in folders):
+            return
+        with self._step("waiting for the peer's resynchronisation"):
+            with trio.move_on_after(2 * self.config.heartbeat.timeout + 5):
+                while not all(fa.link == "connected" for fa in folders):
+                    await trio.sleep(0.05)
+                await self._connect_agents()
+
     async def _wait_peer_adopts(self) -> None:
         """Before a primary that replicated to its peer gives up (its start_prim failed,
         say), let the peer take this epoch as its own: its copy is the same, and it can
@@ -666,10 +681,13 @@ class Controller:
             log.info("promotion: not replicating to %s (%s %s, busy %s, uptodate %s, epoch %d "
                      "by %r; here epoch %d by %r)", p.name, p.state, p.readiness, p.busy,
                      p.uptodate, p.epoch, p.last_primary, view.me.epoch, view.me.last_primary)
-        if not self.replicating:
+        resyncing = not self.replicating and self._same_data(view.me, p) and all(
+            fa.role == PRIMARY and fa.link == "resync" for fa in self.agents.folders)
+        if not self.replicating and not resyncing:
             await self._agents_to(ALONE, lost=True)
         log.info("promotion 2/4: agents %s", f"primary, replicating to {p.name}"
-                 if self.replicating else "alone")
+                 if self.replicating else f"primary, resynchronising {p.name} first"
+                 if resyncing else "alone")
         await self._vip_up()
         log.info("promotion 3/4: virtual IP done")
         await self._start_app()
@@ -719,6 +737,7 @@ class Controller:
         result = await self._script("start_prim")
         if result is not None and not result.ok:
             self.script_failure = result.failure("start_prim")
+            await self._finish_first_resync()
             if self.replicating:
                 await self._wait_peer_adopts()
             return
