@@ -93,7 +93,8 @@ def _divergence_line(d: dict) -> str:
 
 def _resync_line(rs: dict) -> str:
     mib = 1 << 20
-    line = (f"resync: {rs['state']}, {rs['items_done']}/{rs['items_total']} items, "
+    line = (f"resync ({'full' if rs.get('full') else 'from the journal'}): {rs['state']}, "
+            f"{rs['items_done']}/{rs['items_total']} items, "
             f"{rs['bytes_done'] / mib:.1f}/{rs['bytes_total'] / mib:.1f} MiB compared, "
             f"{rs['bytes_sent'] / mib:.1f} MiB sent")
     if rs.get("running"):

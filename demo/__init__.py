@@ -14,8 +14,9 @@ client in a third namespace. The demo
    beta taking over (ALONE, the VIP on beta) while the client carries on;
 4. counts the acknowledged records lost (0), the time without service measured by the
    client, and runs `PRAGMA integrity_check` on the survivor's database;
-5. restarts alpha's daemon: it follows beta as SECOND and says its copy is out of date
-   (resynchronising it is a later feature).
+5. restarts alpha's daemon: it follows beta as SECOND, beta resynchronises alpha's copy
+   online (only what changed while alpha was away), alpha becomes a Ready SECOND again and
+   `fusemirror verify` finds both copies identical.
 
 Everything is stopped, unmounted and deleted at the end, also on failure or Ctrl-C. Exit
 status 0 only when every check passed, 1 otherwise (the failed check is named), 2 when

@@ -367,22 +367,33 @@ class Demo:
         c, say = self.c, self.story.say
         started = time.monotonic()
         c.start("alpha")
-        me = self.wait_state("alpha", "SECOND", readiness="NotReady", timeout=30)
+        me = self.wait_state("alpha", "SECOND", readiness="Ready", timeout=60)
         self.wait_state("beta", "PRIM", timeout=20)
         self.wait_view("alpha", "PRIM")
         say(f"alpha's daemon started again: {time.monotonic() - started:.1f}s later it is "
-            f"SECOND NotReady, beta PRIM")
-        self.show_state("alpha")
-        self.check(not me["uptodate"] and "resynchronisation" in me["reason"],
-                   "alpha says its copy is out of date and needs a resynchronisation",
-                   me["reason"])
+            f"SECOND Ready, beta PRIM: beta resynchronised alpha's copy online, sending only "
+            f"the blocks that differ")
+        self.show_state("beta")
+        self.check(me["uptodate"] and me["epoch"] == self.c.state("beta")["me"]["epoch"],
+                   "alpha's copy is up to date again, at beta's epoch", me["reason"])
+        rs = c.state("beta")["replication"]["resync"] or {}
+        self.check(rs.get("state") == "done", "beta's resynchronisation of alpha is done",
+                   str(rs))
+        say(f"the resynchronisation compared {rs.get('bytes_done', 0) / 2**20:.1f} MiB and sent "
+            f"{rs.get('bytes_sent', 0) / 1024:.0f} KiB "
+            + ("(in full: alpha died as a primary, so what it may have applied without "
+               "beta's acknowledgement is compared too)" if rs.get("full")
+               else "(only what beta's journal recorded)"))
+        answer = control.request(os.path.realpath(c.folder("beta")), {"cmd": "verify"},
+                                 timeout=VERIFY_TIMEOUT, run_dir=c.run_dir)
+        diffs = answer["differences"]
+        self.check(not diffs, "fusemirror verify on beta: both copies identical again",
+                   f"{len(diffs)} difference(s):\n    " + "\n    ".join(diffs[:20]))
         holders = self.vip_holders()
         self.check(holders == "beta", "the VIP is on beta only", f"it is on {holders}")
         self.check(c.app_pid("alpha") is None, "alpha's old application is stopped")
         self.story.detail("alpha cleaned up on its way back: the VIP and its old application "
-                          "are gone")
-        say("NOT YET: bringing alpha's copy up to date (reintegration) is a later feature; "
-            "until then beta runs without a mirror")
+                          "are gone; it can take over again if beta fails")
 
 
 # --- running it ----------------------------------------------------------------------

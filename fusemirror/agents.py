@@ -192,6 +192,7 @@ class Agents:
                                     if total["running"] else 0)
         total["eta_s"] = max((r.get("eta_s") or 0 for r in runs), default=0)
         total["errors"] = [r["error"] for r in runs if r.get("error")]
+        total["full"] = any(r.get("full") for r in runs)
         return total
 
     # -- roles ---------------------------------------------------------------------------
