@@ -46,6 +46,7 @@ COMMAND_TIMEOUT = 30.0       # an admin command not decided by then is answered 
 LIVENESS_LIMIT = 10.0        # /liveness fails when the loop made no progress for this long
 ANNOUNCE_INTERVAL = 0.2       # seconds between gratuitous ARP rounds after a takeover
 RESYNC_RETRY = 3.0           # seconds between two attempts to resynchronise the SECOND
+AGENTS_WAIT = 10.0           # the application is started only under healthy mount agents
 
 
 SOCKET_SUFFIX = ".ctl.sock"
@@ -732,6 +733,17 @@ class Controller:
 
     async def _start_app(self) -> None:
         self.checkers.reset()
+        with self._step("waiting for the mount agents"):
+            # Never under a missing mount: the application would write in the bare folder.
+            with trio.move_on_after(AGENTS_WAIT):
+                while not self.agents.healthy():
+                    await trio.sleep(0.05)
+        if not self.agents.healthy():
+            self.script_failure = ScriptFailure(
+                "start_prim", detail=f"not started: {self.agents.unhealthy_reason()}")
+            log.error("start_prim not run: a mount agent is not healthy (%s)",
+                      self.agents.unhealthy_reason())
+            return
         await self._persist(app_started=True)
         self.app_started = True
         result = await self._script("start_prim")

@@ -342,15 +342,19 @@ def _conflict_with_primary(me: NodeStatus, p: NodeStatus, policy=None) -> str | 
     kept, _ = _survivor(me, p, policy)
     if kept is not None and kept.name == p.name:
         return None
-    if me.diverged:
-        return _split_brain(f"this node acknowledged writes that {p.name} "
-                            f"(primary at epoch {p.epoch}) does not have")
+    if not me.diverged:
+        # Every write this node acknowledged reached p before it was acknowledged (its
+        # epoch may be newer or a twin of p's: a promotion that acknowledged nothing
+        # alone); what it applied without acknowledging is compared away by a full resync.
+        return None
     if p.epoch < me.epoch:
         return _split_brain(f"{p.name} is primary at epoch {p.epoch} but this node "
-                            f"holds the newer epoch {me.epoch}")
+                            f"holds the newer epoch {me.epoch} and acknowledged writes alone")
     if p.epoch == me.epoch and p.last_primary != me.last_primary:
-        return _split_brain(f"both nodes were promoted to epoch {me.epoch}")
-    return None
+        return _split_brain(f"both nodes were promoted to epoch {me.epoch} and this node "
+                            f"acknowledged writes alone")
+    return _split_brain(f"this node acknowledged writes that {p.name} "
+                        f"(primary at epoch {p.epoch}) does not have")
 
 
 def _can_receive(p: NodeStatus) -> bool:
@@ -772,8 +776,13 @@ def _in_prim(view, policy):
 
 
 def _app_health(view, policy, p) -> Decision | None:
-    """PRIM and ALONE: what the checkers ask for, if anything."""
+    """PRIM and ALONE: what the checkers ask for, if anything. Nothing is restarted while
+    a mount agent is unhealthy: an application started then would open its files in the
+    bare folder under the missing mount, beside replication."""
     failed = [c for c in view.checkers if not c.ok]
+    if failed and not view.mounts_ok:
+        return _stay(view, NOT_READY, "a mount agent is not healthy; the application is "
+                                      "restarted once it is back")
     if not view.app_running:
         failed.append(CheckerResult("application", False, CheckAction.RESTART, "not running"))
     if not failed:
