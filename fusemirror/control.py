@@ -111,11 +111,16 @@ def request_path(path: str, payload: dict, timeout: float | None = 30.0, *,
             buf += data
     except socket.timeout:
         raise ControlError(f"{what} did not answer in {timeout:g}s") from None
+    except OSError as e:                   # it died while answering (ECONNRESET, EPIPE)
+        raise ControlError(f"{what} broke the connection: {e.strerror or e}") from None
     finally:
         s.close()
     if not buf:
         raise ControlError(f"{what} closed the connection")
-    answer = json.loads(buf)
+    try:
+        answer = json.loads(buf)
+    except ValueError:
+        raise ControlError(f"{what} sent a truncated answer") from None
     if not answer.get("ok", False):
         raise ControlError(answer.get("error", "request failed"), code=answer.get("code", 10))
     return answer

@@ -744,6 +744,13 @@ class Controller:
             log.error("start_prim not run: a mount agent is not healthy (%s)",
                       self.agents.unhealthy_reason())
             return
+        if any(fa.role == REPLICA for fa in self.agents.folders):
+            # An agent started again (after it died) comes back read-only: give it the
+            # primary's role first, or the application would meet EROFS.
+            if self.replicating:
+                await self._connect_agents()
+            else:
+                await self._agents_to(ALONE, lost=True)
         await self._persist(app_started=True)
         self.app_started = True
         result = await self._script("start_prim")

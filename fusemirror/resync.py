@@ -237,6 +237,7 @@ class Resync:
             if self.queue:
                 continue
             self.progress["state"] = "finishing"
+            await self._rebind_all()
             p = await m.begin(K.RESYNC_DONE, {}, patient=True)
             if p is None:
                 self._check()
@@ -598,6 +599,29 @@ class Resync:
                 await self._op(K.OPEN, dict(handle=fh, flags=os.O_RDWR, mtime=0,
                                             path=self._at(fd)))
                 f.replicated = True
+
+    async def _rebind_all(self) -> None:
+        """Every file the application holds open for writing and that the walk did not
+        bind again gets its handle on the peer, under its lock: after RESYNC_DONE its
+        writes must be replicated (a handle opened while the peer was behind is not)."""
+        for fh, f in list(self.fs.writable_files()):
+            if f.replicated:
+                continue
+            try:
+                fd = os.dup(self.tree.fd(f.ino))
+            except (NoSuchInode, OSError):
+                continue
+            try:
+                async with self.lock(f.ino):
+                    try:
+                        self._rel(fd)
+                    except FileNotFoundError:
+                        continue            # unlinked while open: not part of the tree
+                    await self._op(K.OPEN, dict(handle=fh, flags=os.O_RDWR, mtime=0,
+                                                path=self._at(fd)))
+                    f.replicated = True
+            finally:
+                os.close(fd)
 
     def _handled(self, ino: int, size: int) -> None:
         self.done.add(ino)

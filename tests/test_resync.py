@@ -462,3 +462,4 @@ def test_an_interrupted_full_resync_is_full_again(make_pair):
     wait_resynced(pair, timeout=60)
     assert resync_status(pair.primary)["full"]
     pair.assert_identical()
+
