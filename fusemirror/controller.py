@@ -156,6 +156,7 @@ class Controller:
         self._link_down_since: float | None = None
         self._reviving = False
         self._resync_tried = -RESYNC_RETRY
+        self._app_on_dead_mount = False
         self.decisions = 0
         self.transitions: dict[str, int] = {}
 
@@ -466,10 +467,16 @@ class Controller:
 
     async def _revive(self) -> None:
         self._reviving = True
+        starts = sum(fa.starts for fa in self.agents.folders)
         try:
             await self.agents.revive()
         finally:
             self._reviving = False
+        if sum(fa.starts for fa in self.agents.folders) > starts and self.app_started:
+            # The application holds its files on the dead mount: it must start again on
+            # the new one (found by the chaos harness: without a checker, nothing else
+            # would ever notice).
+            self._app_on_dead_mount = True
 
     # -- decide and act -----------------------------------------------------------------------
 
@@ -518,6 +525,13 @@ class Controller:
         folders = self.agents.folders
         if not self.agents.healthy():
             return
+        if self._app_on_dead_mount and state.is_primary:
+            self._app_on_dead_mount = False
+            log.warning("a mount agent was started again under the running application: "
+                        "restarting the application on the new mount")
+            self._start_transition("restarting the application", self._restart_app())
+            return
+        self._app_on_dead_mount = False
         p = view.peer if view.peer_alive else None
         if state in (State.STOP, State.WAIT, State.SECOND):
             if any(fa.role != REPLICA for fa in folders):
@@ -730,6 +744,10 @@ class Controller:
         if self.lease is not None and self.lease.held():
             await self.lease.release(self.store.get("epoch"))
             log.info("%s: lease released", what)
+
+    async def _restart_app(self) -> None:
+        await self._stop_app()
+        await self._start_app()
 
     async def _start_app(self) -> None:
         self.checkers.reset()

@@ -562,6 +562,27 @@ def test_a_killed_controller_is_replaced_and_adopts_its_agent(cluster):
     assert not _lost(c, log)[1]
 
 
+def test_kill_9_of_the_primary_agent_restarts_the_application_on_the_new_mount(cluster):
+    """Found by the chaos harness: without a checker, the application kept its files on
+    the dead mount after the agent was started again, and answered nothing, for ever."""
+    c = cluster()                                  # no checker
+    _pair(c)
+    writer, log = c.client(duration=10)
+    time.sleep(1.5)
+    killed_at = time.monotonic()
+    os.kill(c.agent("alpha")["pid"], signal.SIGKILL)
+    assert writer.wait(timeout=40) == 0
+    entries = C.read_log(log)
+    assert not _lost(c, log)[1]
+    assert any(e["mono"] > killed_at + 2 for e in C.acknowledged(entries)), \
+        "no request was acknowledged after the agent was killed"
+    assert C.longest_outage(entries, include_open=True) < 8, C.outages(entries)
+    with open(c.daemon_log("alpha")) as f:
+        assert "restarting the application on the new mount" in f.read()
+    c.wait_state("beta", "SECOND", readiness="Ready", timeout=40)
+    _verify(c, "alpha")
+
+
 def test_kill_9_of_the_second_lets_the_primary_go_on_alone(cluster):
     c = cluster()
     _pair(c)
