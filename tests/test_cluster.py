@@ -747,8 +747,12 @@ def test_lease_mode_a_frozen_primary_acknowledges_nothing_when_it_wakes_up(clust
     with open(os.path.join(c.folder("beta"), "local.log")) as f:
         on_beta = {int(line) for line in f if line.strip()}
     assert acked and acked <= on_beta, sorted(acked - on_beta)
+    # The writer is sequential: at most one write was in flight when alpha froze. Its answer
+    # may come when alpha wakes, if beta applied it before taking over (it is on beta,
+    # checked above); any other acknowledgement after the freeze would be a write alpha
+    # accepted without knowing it was still primary.
     late = [t for t in _acks(local_log) if t > frozen + 1.0]
-    assert not late, f"alpha acknowledged {len(late)} writes well after it was frozen"
+    assert len(late) <= 1, f"alpha acknowledged {len(late)} writes well after it was frozen"
     c.wait_state("alpha", "SECOND", readiness="Ready", timeout=30)    # once resynchronised
     _verify(c, "beta")
 
