@@ -52,7 +52,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -64,7 +63,7 @@ from bench import bench_mount as bm
 from demo import client as C
 from fusemirror import control
 from fusemirror.config import Heartbeat
-from fusemirror.lab.cluster import Cluster
+from fusemirror.lab.cluster import Cluster, remove_scratch
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +287,6 @@ def measure(c: Cluster, act: Callable[[Cluster], tuple[float, float, dict]]) -> 
                    acked=len(acked), lost=lost)
     return figures
 
-
-def remove_scratch(path: str) -> None:
-    """rmtree, unless something below `path` is still mounted (it would delete through it)."""
-    with open("/proc/self/mountinfo") as f:
-        mounted = [line.split()[4] for line in f if line.split()[4].startswith(path + "/")]
-    if mounted:
-        log.error("not removing %s: still mounted: %s", path, ", ".join(mounted))
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # --- summary and report -------------------------------------------------------------------

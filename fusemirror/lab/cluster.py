@@ -24,6 +24,7 @@ namespaces. Nothing is ever looked up or killed by name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -36,6 +37,8 @@ from .. import control
 from ..agent import fuse_mounted
 from ..controller import socket_path
 from .netns import Lab
+
+log = logging.getLogger(__name__)
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODES = ("alpha", "beta")
@@ -425,3 +428,13 @@ url, after = sys.argv[1], sys.argv[2]
 with urllib.request.urlopen(f"{url}/records?after={after}&limit=5000", timeout=10) as r:
     print(json.dumps([{"id": x["id"]} for x in json.load(r)]))
 """
+
+
+def remove_scratch(path: str) -> None:
+    """rmtree, unless something below `path` is still mounted (it would delete through it)."""
+    with open("/proc/self/mountinfo") as f:
+        mounted = [line.split()[4] for line in f if line.split()[4].startswith(path + "/")]
+    if mounted:
+        log.error("not removing %s: still mounted: %s", path, ", ".join(mounted))
+        return
+    shutil.rmtree(path, ignore_errors=True)

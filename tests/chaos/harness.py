@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from demo import client as C
 from fusemirror import control
-from fusemirror.lab.cluster import Cluster
+from fusemirror.lab.cluster import Cluster, remove_scratch
 
 from . import checker, report
 from .faults import Injector, NotApplicable
@@ -901,15 +901,6 @@ def tracebacks(log_dir: str) -> list[str]:
                 out.append(f"{name}: {last[:200]}")
     return out
 
-
-def remove_scratch(path: str) -> None:
-    """rmtree, unless something below `path` is still mounted (it would delete through it)."""
-    with open("/proc/self/mountinfo") as f:
-        mounted = [line.split()[4] for line in f if line.split()[4].startswith(path + "/")]
-    if mounted:
-        log.error("not removing %s: still mounted: %s", path, ", ".join(mounted))
-        return
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def environment() -> dict:
