@@ -335,6 +335,7 @@ class MirrorFS(pyfuse3.Operations):
             result = local()
         except OSError as e:
             if p is not None:
+                p.failed_here = e.errno or E.EIO       # before its answer is read
                 await p.done.wait()
                 if not p.lost and not p.errno:
                     await self._undo(p.mirror, undo, f"{kind.name} failed here ({e.strerror}) "

@@ -74,7 +74,7 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete", "kind", "touched", "resync")
+                 "mirror", "complete", "kind", "touched", "resync", "failed_here")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -91,6 +91,7 @@ class Pending:
         self.kind = None         # the operation's protocol kind
         self.touched = ()        # the items it changes (inode numbers)
         self.resync = False      # sent during a resynchronisation
+        self.failed_here = 0     # the errno it failed with here (set before its answer)
 
 
 class Mirror:
@@ -117,7 +118,7 @@ class Mirror:
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
-        self.on_failed = None            # resynchronisation: callable(touched) when the
+        self.on_failed = None            # resynchronisation: callable(pending) when the
         #                                  peer could not apply a change
         self.journal = None              # journal.Journal: what the peer may lack
         self.on_back_outdated = None     # the peer answers again, but out of date
@@ -235,9 +236,10 @@ class Mirror:
             self.stats["rtt_buckets"][bisect.bisect_left(RTT_BOUNDS_US, rtt)] += 1
         p.errno = errno
         if self.link == Link.RESYNC:
-            if errno and self.on_failed is not None and p.touched \
+            if errno and self.on_failed is not None and p.touched and not p.failed_here \
                     and p.kind not in (P.Kind.RESYNC_BEGIN, P.Kind.RESYNC_DONE):
-                self.on_failed(p.touched)
+                # (one that failed here as well changed nothing on either copy)
+                self.on_failed(p)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
                 self._resynced()
         p.done.set()
@@ -246,7 +248,7 @@ class Mirror:
     def begin_resync(self, on_failed) -> None:
         """The peer is out of date (a connected one: marked so by the caller) and about to
         be resynchronised: from now on every change is sent to it too; one it cannot
-        apply calls on_failed(touched) instead of making it out of date (it already is)."""
+        apply calls on_failed(pending) instead of making it out of date (it already is)."""
         if self.link not in (Link.OUTDATED, Link.CONNECTED) or self._fs is None:
             raise PeerError(f"cannot resynchronise: the link is {self.link.value}")
         if not self.state.get("peer_outdated"):

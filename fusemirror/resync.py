@@ -29,6 +29,7 @@ hashed on both sides, but only chunks that differ are sent (lz4-packed when it p
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno as E
 import json
 import logging
@@ -123,9 +124,15 @@ class Resync:
         self._queued: set[int] = set()
         self._locks: dict[int, trio.Lock] = {}
         self._attempts: collections.Counter = collections.Counter()
-        # files with several links: primary inode -> (a path on the peer, the peer's inode)
-        self._placed: dict[int, tuple[bytes, int | None]] = {}
+        # files with several links: primary inode -> (an O_PATH descriptor of the link
+        # placed on the peer, whose path follows the application's renames; the peer's
+        # inode)
+        self._placed: dict[int, tuple[int, int | None]] = {}
         self._claimed: dict[int, int] = {}      # peer inode (several links) -> primary inode
+        self._fresh: set[int] = set()          # files created anew on the peer
+        # files with several links: primary inode -> {directory inode: its path} where
+        # the walk met its links
+        self._groups: dict[int, dict[int, bytes]] = {}
         self._handle = _HANDLES
         self._failure: str | None = None
         self._root = self.tree.root_path.rstrip(b"/") + b"/"
@@ -147,8 +154,6 @@ class Resync:
         handled yet, or to be handled again, are queued."""
         for ino in inos:
             if ino == _ENGINE:
-                if failed:
-                    self._failure = "the peer could not apply a resynchronisation step"
                 continue
             if failed:
                 self.done.discard(ino)
@@ -161,8 +166,23 @@ class Resync:
             self._queued.add(ino)
             self.queue.append((fd, ino))
 
-    def _failed(self, touched) -> None:
-        self.touched(touched, failed=True)
+    def _failed(self, p) -> None:
+        """A change failed on the peer: its items go again. A step of the resync itself
+        names the item it was fixing (a change raced it, e.g. moved the link a new
+        link was made from): that item goes again; with no item, the attempt ends."""
+        if _ENGINE in p.touched:
+            step = f"{p.kind.name}: {os.strerror(p.errno)}"
+            items = [i for i in p.touched if i != _ENGINE]
+            if not items and not self._failure:
+                self._failure = f"the peer could not apply a resynchronisation step ({step})"
+            for ino in items:
+                log.debug("resynchronisation step failed on the peer (%s): inode %d goes "
+                          "again", step, ino)
+                self._attempts[ino] += 1
+                if self._attempts[ino] > MAX_ATTEMPTS and not self._failure:
+                    self._failure = (f"inode {ino} still differs after {MAX_ATTEMPTS} "
+                                     f"attempts ({step})")
+        self.touched(p.touched, failed=True)
 
     # --- running ------------------------------------------------------------------------
     def attach(self) -> None:
@@ -192,6 +212,9 @@ class Resync:
             fs.stop_resync()
             while self.queue:
                 os.close(self.queue.popleft()[0])
+            for fd, _ in self._placed.values():
+                os.close(fd)
+            self._placed.clear()
         self.progress.update(state="done", eta_s=0)
         log.info("resynchronisation of %s:%s done in %.1f s: %d bytes sent", *m.peer,
                  time.monotonic() - self._t0, self.progress["bytes_sent"])
@@ -224,7 +247,6 @@ class Resync:
                 fd, ino = self.queue.popleft()
                 self._queued.discard(ino)
                 try:
-                    self._attempt(ino)
                     if stat.S_ISDIR(os.fstat(fd).st_mode):
                         await self._walk(fd, own=False, force=True)
                     else:
@@ -365,7 +387,7 @@ class Resync:
         ino = self._ino(dfd)
         if not force and not self._is_dirty(ino):
             return await self._look_through(dfd, ino)
-        async with self.lock(ino):
+        async with self.lock(ino), self._item(ino):
             self._check()
             try:
                 self._rel(dfd)
@@ -392,6 +414,8 @@ class Resync:
                         await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                     r = await self._create(dfd, name, e, ours["mtime"])
                     changed = True
+                if e[_TYPE] == stat.S_IFREG and e[_NLINK] > 1:
+                    self._groups.setdefault(e[_INO], {})[ino] = self._rel(dfd)
                 if e[_TYPE] == stat.S_IFDIR:
                     visit.append(name)
                 elif e[_INO] in self.done:
@@ -414,6 +438,54 @@ class Resync:
         return [bytes.fromhex(e[_NAME]) for e in ours["entries"]
                 if e[_TYPE] == stat.S_IFDIR or self._is_dirty(e[_INO])]
 
+    @contextlib.asynccontextmanager
+    async def _item(self, ino: int):
+        """The resync's operations while it fixes item ino name it (see _failed)."""
+        token = TOUCHED.set((_ENGINE, ino))
+        try:
+            yield
+        finally:
+            TOUCHED.reset(token)
+
+    def _place(self, pino: int, dfd: int, name: bytes, rino: int | None) -> None:
+        """Remember the link dfd/name of file pino (several links) as the peer's copy of
+        it, for the other links to be made from."""
+        try:
+            fd = os.open(name, _O_PATH, dir_fd=dfd)
+        except OSError:
+            return
+        old = self._placed.pop(pino, None)
+        if old is not None:
+            os.close(old[0])
+        self._placed[pino] = (fd, rino)
+
+    def _placed_path(self, pino: int) -> bytes | None:
+        """Where the placed link of pino is now (renames followed), or None when it is
+        gone (then it is placed anew)."""
+        fd, _ = self._placed[pino]
+        try:
+            rel = self._rel(fd)
+            here, now = os.fstat(fd), os.stat(rel, dir_fd=self.tree.root_fd,
+                                              follow_symlinks=False)
+        except OSError:
+            return None
+        # an unlinked link of a file that has others reads as "... (deleted)"
+        return rel if (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino) else None
+
+    def _on_peer(self, path: bytes, dfd: int) -> bool:
+        """Is path's directory as it is here on the peer too (the directory dfd being
+        handled, or one handled and not queued again since)?"""
+        try:
+            st = os.stat(path.rpartition(b"/")[0] or b".", dir_fd=self.tree.root_fd)
+        except OSError:
+            return False
+        ino = self.tree.ino_of(st)
+        return ino == self._ino(dfd) or (ino in self.done and ino not in self._queued)
+
+    def _unplace(self, pino: int) -> None:
+        fd, _ = self._placed.pop(pino)
+        os.close(fd)
+
     def _same_node(self, dfd: int, name: bytes, e: list, r: list) -> bool:
         """Can the peer's entry r stay for our entry e (same kind of node, and for a file
         with several links, the same group)?"""
@@ -425,14 +497,16 @@ class Resync:
             return True
         pino, rino = e[_INO], r[_INO]
         if e[_NLINK] > 1 and pino in self._placed:
-            return self._placed[pino][1] == rino
+            if self._placed_path(pino) is not None:
+                return self._placed[pino][1] == rino
+            self._unplace(pino)
         owner = self._claimed.get(rino)
         if owner is not None and owner != pino:
             return False
         if r[_NLINK] > 1:
             self._claimed[rino] = pino
         if e[_NLINK] > 1:
-            self._placed[pino] = (self._under(dfd, name)(), rino)
+            self._place(pino, dfd, name, rino)
         return True
 
     async def _create(self, dfd: int, name: bytes, e: list, pmtime: int) -> list | None:
@@ -454,15 +528,25 @@ class Resync:
                     None, {}]
         pino = e[_INO]
         if e[_NLINK] > 1 and pino in self._placed:
-            await self._op(K.LINK, dict(pmtime=pmtime, source=self._placed[pino][0],
-                                        parent=parent, name=name))
-            return None
+            source = self._placed_path(pino)
+            if source is not None and self._on_peer(source, dfd):
+                await self._op(K.LINK, dict(pmtime=pmtime, source=source, parent=parent,
+                                            name=name))
+                return None
+            # The placed link moved where the peer may not have it yet: the peer gets a
+            # new copy here; the links met later are made from it, and those already
+            # met are made again.
+            self._unplace(pino)
+            for dpath in self._groups.pop(pino, {}).values():
+                self._requeue_path(dpath)
+        self._fresh.add(pino)
+        self.done.discard(pino)         # (handled before, as another entry): sent again
         self._handle += 1
         await self._op(K.CREATE, dict(handle=self._handle, flags=os.O_WRONLY,
                                       mode=e[_MODE], **common))
         await self._op(K.RELEASE, dict(handle=self._handle))
         if e[_NLINK] > 1:
-            self._placed[pino] = (self._under(dfd, name)(), None)
+            self._place(pino, dfd, name, None)
         return [e[_NAME], typ, 0, 1, 0, e[_MODE], e[_UID], e[_GID], e[_MTIME], 0, [], {}]
 
     def _requeue_parent(self, fd: int) -> None:
@@ -475,11 +559,29 @@ class Resync:
                                     os.O_PATH | os.O_DIRECTORY)
         except OSError:
             return
-        pino = self._ino(pfd)
-        self._attempt(pino)
-        self.done.discard(pino)
-        self._queued.add(pino)
-        self.queue.append((pfd, pino))
+        self._requeue(pfd)
+
+    def _requeue_path(self, path: bytes) -> None:
+        try:
+            fd = sysops.open_beneath(self.tree.root_fd, path, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            return              # moved or removed: that change queued what it touched
+        self._requeue(fd)
+
+    def _requeue(self, fd: int) -> None:
+        """The item of fd (a descriptor this call owns) goes again."""
+        ino = self._ino(fd)
+        if ino in self._queued:
+            os.close(fd)
+            return
+        try:
+            self._attempt(ino)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.done.discard(ino)
+        self._queued.add(ino)
+        self.queue.append((fd, ino))
 
     # --- files and other leaves ---------------------------------------------------------
     async def _small(self, dfd: int, name: bytes, pino: int, theirs: dict) -> None:
@@ -499,7 +601,7 @@ class Resync:
         the journal names only for data: only the blocks of its journaled chunks are
         compared (force: all)."""
         ino = self._ino(fd)
-        async with self.lock(ino):
+        async with self.lock(ino), self._item(ino):
             self._check()
             try:
                 self._rel(fd)
@@ -540,7 +642,7 @@ class Resync:
         """Fast resync of a file whose data only changed: its journaled chunks, as block
         ranges; None: compare all of it (full resync, or its attributes changed too)."""
         d = self.dirty
-        if d is None or ino in d.nodes or ino not in d.chunks:
+        if d is None or ino in d.nodes or ino not in d.chunks or ino in self._fresh:
             return None
         per = max(journal.DEFAULT_CHUNK // self.block, 1)
         return [[c * per, c * per + per - 1] for c in sorted(d.chunks[ino])]
