@@ -267,7 +267,9 @@ class Agent:
                 self._resync_failures = 0
                 self.fs.created.clear()         # they are on the peer now
                 return
-        except (ResyncFailed, PeerError, OSError) as e:
+        except Exception as e:      # a bug here must not take the primary's mount down
+            if not isinstance(e, (ResyncFailed, PeerError, OSError)):
+                log.exception("resynchronisation stopped by an unexpected error")
             r.progress["state"] = "failed"
             self.resync_error = str(e)
             self._resync_failures += 1

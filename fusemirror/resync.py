@@ -52,7 +52,8 @@ BLOCK = 32 << 10            # the unit compared by hash, and sent when it differ
 PUT_MAX = 1 << 20           # differing neighbour blocks go in one PUT up to this size
 _HANDLES = 1 << 62          # handles the resync itself opens on the peer
 _ENGINE = -1                # TOUCHED marker of the resync's own operations
-MAX_ATTEMPTS = 5            # an item that keeps failing ends the attempt
+MAX_ATTEMPTS = 20           # an item that keeps failing ends the attempt (a busy
+#                             directory may go again a few times)
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DELETED = b" (deleted)"
 # entry fields (probe._entries)
@@ -61,6 +62,11 @@ _NAME, _TYPE, _INO, _NLINK, _EXTRA, _MODE, _UID, _GID, _MTIME, _SIZE, _HASHES, _
 
 class ResyncFailed(Exception):
     """This attempt stopped; the peer stays out of date."""
+
+
+class _Gone(Exception):
+    """The item being handled lost its name meanwhile (the change that removed or
+    moved it queued what it touched)."""
 
 
 def _entry_desc(e: list) -> dict:
@@ -126,10 +132,12 @@ class Resync:
         self._attempts: collections.Counter = collections.Counter()
         # files with several links: primary inode -> (an O_PATH descriptor of the link
         # placed on the peer, whose path follows the application's renames; the peer's
-        # inode)
-        self._placed: dict[int, tuple[int, int | None]] = {}
+        # inode; the directory pass that placed it)
+        self._placed: dict[int, tuple[int, int | None, int]] = {}
+        self._pass = 0                          # directories handled so far
         self._claimed: dict[int, int] = {}      # peer inode (several links) -> primary inode
-        self._fresh: set[int] = set()          # files created anew on the peer
+        self._whole: set[int] = set()          # files to compare whole (new on the peer)
+        self._copy: dict[int, int] = {}        # file handled -> the peer's inode of it
         # files with several links: primary inode -> {directory inode: its path} where
         # the walk met its links
         self._groups: dict[int, dict[int, bytes]] = {}
@@ -212,7 +220,7 @@ class Resync:
             fs.stop_resync()
             while self.queue:
                 os.close(self.queue.popleft()[0])
-            for fd, _ in self._placed.values():
+            for fd, _, _ in self._placed.values():
                 os.close(fd)
             self._placed.clear()
         self.progress.update(state="done", eta_s=0)
@@ -317,7 +325,7 @@ class Resync:
         p = await self.mirror.begin(kind, fields, compress=compress)
         if p is None:
             self._check()
-            raise ResyncFailed(f"an item could not be named for {kind.name}")
+            raise _Gone(kind.name)
 
     async def _probe(self, path, what: int, only: list | None = None) -> dict:
         blocks = json.dumps(only).encode() if only is not None else b""
@@ -325,7 +333,7 @@ class Resync:
                                                   blocks=blocks), patient=True)
         if p is None:
             self._check()
-            raise ResyncFailed("an item could not be named for PROBE")
+            raise _Gone("PROBE")
         await p.done.wait()
         if p.lost or not p.complete:
             raise ResyncFailed("the link was lost")
@@ -387,6 +395,8 @@ class Resync:
         ino = self._ino(dfd)
         if not force and not self._is_dirty(ino):
             return await self._look_through(dfd, ino)
+        visit: list[bytes] = []
+        self._pass += 1
         async with self.lock(ino), self._item(ino):
             self._check()
             try:
@@ -405,7 +415,6 @@ class Resync:
             for name in sorted(peer.keys() - mine.keys()):
                 await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                 changed = True
-            visit = []
             for name, e in sorted(mine.items()):
                 r = peer.get(name)
                 keep = r is not None and self._same_node(dfd, name, e, r)
@@ -414,12 +423,23 @@ class Resync:
                         await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                     r = await self._create(dfd, name, e, ours["mtime"])
                     changed = True
+                    if e[_TYPE] == stat.S_IFREG and (e[_INO] in self.done or any(
+                            f.ino == e[_INO] for _, f in self.fs.writable_files())):
+                        # The application's handles on the peer may have named the file
+                        # that was there, and written to it after this one was handled:
+                        # they are bound again, and this one is compared again.
+                        self.touched((e[_INO],), failed=True)
                 if e[_TYPE] == stat.S_IFREG and e[_NLINK] > 1:
                     self._groups.setdefault(e[_INO], {})[ino] = self._rel(dfd)
                 if e[_TYPE] == stat.S_IFDIR:
                     visit.append(name)
                 elif e[_INO] in self.done:
-                    continue                # another link of a file handled already
+                    if r is None or self._copy.get(e[_INO]) == r[_INO]:
+                        continue            # another link of the copy handled already
+                    # handled where it was before a move or an unlink of its other link:
+                    # the peer's entry here is another file
+                    self.done.discard(e[_INO])
+                    self._whole.add(e[_INO])
                 elif r is None or (e[_TYPE] == stat.S_IFREG and (
                         e[_SIZE] > probe.SMALL or r[_HASHES] is None)):
                     visit.append(name)
@@ -440,10 +460,13 @@ class Resync:
 
     @contextlib.asynccontextmanager
     async def _item(self, ino: int):
-        """The resync's operations while it fixes item ino name it (see _failed)."""
+        """The resync's operations while it fixes item ino name it (see _failed). An
+        item that lost its name meanwhile is left (what follows the block runs)."""
         token = TOUCHED.set((_ENGINE, ino))
         try:
             yield
+        except _Gone as e:
+            log.debug("inode %d lost its name during %s: left", ino, e)
         finally:
             TOUCHED.reset(token)
 
@@ -457,12 +480,12 @@ class Resync:
         old = self._placed.pop(pino, None)
         if old is not None:
             os.close(old[0])
-        self._placed[pino] = (fd, rino)
+        self._placed[pino] = (fd, rino, self._pass)
 
     def _placed_path(self, pino: int) -> bytes | None:
         """Where the placed link of pino is now (renames followed), or None when it is
         gone (then it is placed anew)."""
-        fd, _ = self._placed[pino]
+        fd = self._placed[pino][0]
         try:
             rel = self._rel(fd)
             here, now = os.fstat(fd), os.stat(rel, dir_fd=self.tree.root_fd,
@@ -472,18 +495,21 @@ class Resync:
         # an unlinked link of a file that has others reads as "... (deleted)"
         return rel if (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino) else None
 
-    def _on_peer(self, path: bytes, dfd: int) -> bool:
-        """Is path's directory as it is here on the peer too (the directory dfd being
-        handled, or one handled and not queued again since)?"""
+    def _on_peer(self, path: bytes, dfd: int, pino: int) -> bool:
+        """Is the placed link of pino, at path, on the peer too? Its directory is the
+        one being handled and it was placed in this pass, or its directory was handled
+        and not queued again since."""
         try:
             st = os.stat(path.rpartition(b"/")[0] or b".", dir_fd=self.tree.root_fd)
         except OSError:
             return False
         ino = self.tree.ino_of(st)
-        return ino == self._ino(dfd) or (ino in self.done and ino not in self._queued)
+        if ino == self._ino(dfd):
+            return self._placed[pino][2] == self._pass
+        return ino in self.done and ino not in self._queued
 
     def _unplace(self, pino: int) -> None:
-        fd, _ = self._placed.pop(pino)
+        fd = self._placed.pop(pino)[0]
         os.close(fd)
 
     def _same_node(self, dfd: int, name: bytes, e: list, r: list) -> bool:
@@ -496,6 +522,10 @@ class Resync:
         if e[_TYPE] != stat.S_IFREG:
             return True
         pino, rino = e[_INO], r[_INO]
+        if e[_NLINK] == 1 and r[_NLINK] > 1:
+            # The peer's file has other names, which name other files here: it stays
+            # theirs (the application's handles there may be bound to it).
+            return False
         if e[_NLINK] > 1 and pino in self._placed:
             if self._placed_path(pino) is not None:
                 return self._placed[pino][1] == rino
@@ -529,9 +559,10 @@ class Resync:
         pino = e[_INO]
         if e[_NLINK] > 1 and pino in self._placed:
             source = self._placed_path(pino)
-            if source is not None and self._on_peer(source, dfd):
-                await self._op(K.LINK, dict(pmtime=pmtime, source=source, parent=parent,
-                                            name=name))
+            if source is not None and self._on_peer(source, dfd, pino):
+                # named when sequenced: the application may move that link meanwhile
+                await self._op(K.LINK, dict(pmtime=pmtime, parent=parent, name=name,
+                                            source=lambda: self._placed_path(pino) or b""))
                 return None
             # The placed link moved where the peer may not have it yet: the peer gets a
             # new copy here; the links met later are made from it, and those already
@@ -539,7 +570,7 @@ class Resync:
             self._unplace(pino)
             for dpath in self._groups.pop(pino, {}).values():
                 self._requeue_path(dpath)
-        self._fresh.add(pino)
+        self._whole.add(pino)
         self.done.discard(pino)         # (handled before, as another entry): sent again
         self._handle += 1
         await self._op(K.CREATE, dict(handle=self._handle, flags=os.O_WRONLY,
@@ -615,11 +646,16 @@ class Resync:
                 got = {}
 
                 async def peer():
-                    got["theirs"] = await self._probe(self._at(fd), what, only)
+                    try:
+                        got["theirs"] = await self._probe(self._at(fd), what, only)
+                    except (_Gone, ResyncFailed) as e:
+                        got["error"] = e
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(peer)
                     ours = await trio.to_thread.run_sync(probe.describe_fd, fd, what,
                                                          self.block, only)
+                if "error" in got:
+                    raise got["error"]
                 theirs = got["theirs"]
             else:
                 ours = probe.describe_fd(fd, what, self.block)
@@ -631,6 +667,7 @@ class Resync:
             await self._fix_attrs(self._at(fd), ours, theirs)
             if ours["type"] == stat.S_IFREG:
                 await self._rebind(ino, fd)
+            self._copy[ino] = theirs.get("ino", 0)
             compared = ours.get("size", 0)
             if only is not None:
                 compared = min(compared, sum(last - first + 1 for first, last in only)
@@ -642,7 +679,7 @@ class Resync:
         """Fast resync of a file whose data only changed: its journaled chunks, as block
         ranges; None: compare all of it (full resync, or its attributes changed too)."""
         d = self.dirty
-        if d is None or ino in d.nodes or ino not in d.chunks or ino in self._fresh:
+        if d is None or ino in d.nodes or ino not in d.chunks or ino in self._whole:
             return None
         per = max(journal.DEFAULT_CHUNK // self.block, 1)
         return [[c * per, c * per + per - 1] for c in sorted(d.chunks[ino])]
@@ -714,7 +751,7 @@ class Resync:
             except (NoSuchInode, OSError):
                 continue
             try:
-                async with self.lock(f.ino):
+                async with self.lock(f.ino), self._item(f.ino):
                     try:
                         self._rel(fd)
                     except FileNotFoundError:
