@@ -739,7 +739,14 @@ class MirrorFS(pyfuse3.Operations):
             return self._attr(ino, st)
 
     async def _remove(self, parent, name, kind: K):
-        async with self._items(parent):
+        # A file with other links keeps living: a resync that placed it there must
+        # look at it again (see Resync.touched).
+        try:
+            st = os.stat(name, dir_fd=self.tree.fd(parent), follow_symlinks=False)
+            touch = (self.tree.ino_of(st),) if kind == K.UNLINK and st.st_nlink > 1 else ()
+        except OSError:
+            touch = ()
+        async with self._items(parent, touch=touch):
             replicate = await self._may_change()
             dfd = self.tree.fd(parent)
             self.tree.path(parent)                                   # nameable, or fail now

@@ -159,7 +159,12 @@ class Resync:
 
     def touched(self, inos, failed: bool = False) -> None:
         """Items a change touches (failed: the peer could not apply it): those not
-        handled yet, or to be handled again, are queued."""
+        handled yet, or to be handled again, are queued. A change of names (a rename,
+        link or unlink: several items) of a file with several links already placed on
+        the peer has them all handled again: that file's links met so far may be there
+        as another file, now moved where the walk has been."""
+        if len(inos) > 1 and not failed and any(i in self._placed for i in inos):
+            failed = True
         for ino in inos:
             if ino == _ENGINE:
                 continue
@@ -597,16 +602,18 @@ class Resync:
             fd = sysops.open_beneath(self.tree.root_fd, path, os.O_PATH | os.O_DIRECTORY)
         except OSError:
             return              # moved or removed: that change queued what it touched
-        self._requeue(fd)
+        self._requeue(fd, count=False)
 
-    def _requeue(self, fd: int) -> None:
-        """The item of fd (a descriptor this call owns) goes again."""
+    def _requeue(self, fd: int, count: bool = True) -> None:
+        """The item of fd (a descriptor this call owns) goes again (count: as one more
+        attempt at it)."""
         ino = self._ino(fd)
         if ino in self._queued:
             os.close(fd)
             return
         try:
-            self._attempt(ino)
+            if count:
+                self._attempt(ino)
         except BaseException:
             os.close(fd)
             raise
