@@ -771,8 +771,19 @@ class Controller:
                 await self._agents_to(ALONE, lost=True)
         await self._persist(app_started=True)
         self.app_started = True
+        starts = sum(fa.starts for fa in self.agents.folders)
         result = await self._script("start_prim")
         if result is not None and not result.ok:
+            await self.agents.poll()
+            if (not self.agents.healthy() or self._reviving
+                    or sum(fa.starts for fa in self.agents.folders) != starts):
+                # A mount agent died under it (chaos finding: counted as a failure of
+                # start_prim, it blocked automatic promotion until the admin came): the
+                # application starts again once the mounts are back.
+                log.warning("start_prim failed while a mount agent was gone or starting "
+                            "again: the application starts again once the mounts are back")
+                self._app_on_dead_mount = True
+                return
             self.script_failure = result.failure("start_prim")
             await self._finish_first_resync()
             if self.replicating:
