@@ -155,6 +155,7 @@ class Controller:
         self._acks = self._applied = 0
         self._link_down_since: float | None = None
         self._reviving = False
+        self._stopping = False            # shutdown runs: no agent is started again
         self._resync_tried = -RESYNC_RETRY
         self._app_on_dead_mount = False
         self.decisions = 0
@@ -202,7 +203,8 @@ class Controller:
             task_status.started(port)
             log.info("%s started as %s", self.name, self.status.state)
             while True:
-                await self.step()
+                if not self._stopping:         # shutdown decides alone from then on
+                    await self.step()
                 with trio.move_on_after(LOOP_PERIOD):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -237,6 +239,7 @@ class Controller:
         """Leave cleanly: demote if primary, and unmount the agents this controller
         started (adopted ones stay, read-only). The persisted `stopped` is not
         changed: a daemon stopped by systemd starts the module again."""
+        self._stopping = True
         if self._transition is not None:
             self._transition.cancel()
         with trio.CancelScope(shield=True):
@@ -286,7 +289,7 @@ class Controller:
         if alive and not self._peer_was_alive and self.status.state.is_primary:
             self._reannounce()
         self._peer_was_alive = alive
-        if not self.agents.healthy() and not self._reviving:
+        if not self.agents.healthy() and not self._reviving and not self._stopping:
             self._nursery.start_soon(self._revive)
         me = self._me()
         if self._resolved(me, p):
