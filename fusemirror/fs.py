@@ -555,8 +555,21 @@ class MirrorFS(pyfuse3.Operations):
         the peer our version of that range and our size."""
         if not f.replicated or self.mirror is None:
             return
-        st = os.fstat(f.fd)
-        data = os.pread(f.fd, length, off) if off < st.st_size else b""
+        try:
+            st = os.fstat(f.fd)
+            data = b""
+            if off < st.st_size:
+                # the application's descriptor may be write-only (chaos finding: the
+                # repair failed with EBADF and the peer kept the whole write)
+                rfd = os.open(sysops.proc_path(f.fd), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    data = os.pread(rfd, length, off)
+                finally:
+                    os.close(rfd)
+        except OSError as e:
+            await self.mirror.diverged(f"cannot read back a failed write to repair the "
+                                       f"peer's copy: {e.strerror}")
+            return
         if data:
             await self.mirror.call(K.WRITE, dict(handle=fh, offset=off, mtime=st.st_mtime_ns,
                                                  data=data))

@@ -8,6 +8,7 @@ frame, a full disk on either side, and role switches under load.
 import errno
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import time
@@ -245,6 +246,33 @@ def test_disk_full_on_primary_replica_gets_primary_version(make_pair, small_tmpf
                 f.write(os.urandom(1 << 20))
                 f.flush()
     assert e.value.errno == errno.ENOSPC
+    pair.assert_identical()
+    assert pair.primary.state().get("peer_outdated") is not True
+
+
+def test_short_writes_on_a_full_primary_through_write_only_descriptors(make_pair, small_tmpfs):
+    """Chaos finding: writes that fit only in part on the primary's full disk, made
+    through write-only descriptors (O_WRONLY|O_TRUNC on existing files, as most programs
+    write a file), left the peer with the whole writes and the application with EBADF:
+    reading back the primary's version to repair the peer failed."""
+    pair = make_pair(policy="block", timeout=3.0)
+    small_tmpfs(pair.primary.dir, "1m")
+    pair.start()
+    rng = random.Random(1)
+    refused = {}
+    for i in range(120):
+        try:
+            fd = os.open(pair.primary.path(f"f{i % 40}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o644)
+            try:
+                os.write(fd, os.urandom(int(rng.random() * 65536)))
+                if rng.random() < 0.5:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            refused[e.errno] = refused.get(e.errno, 0) + 1
+    assert set(refused) == {errno.ENOSPC}, refused
     pair.assert_identical()
     assert pair.primary.state().get("peer_outdated") is not True
 
