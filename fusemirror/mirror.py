@@ -74,7 +74,7 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete", "kind", "touched", "resync", "failed_here")
+                 "mirror", "complete", "kind", "touched", "resync", "failed_here", "requeued")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -92,6 +92,7 @@ class Pending:
         self.touched = ()        # the items it changes (inode numbers)
         self.resync = False      # sent during a resynchronisation
         self.failed_here = 0     # the errno it failed with here (set before its answer)
+        self.requeued = False    # its failure there was handed to the running resync
 
 
 class Mirror:
@@ -239,6 +240,7 @@ class Mirror:
             if errno and self.on_failed is not None and p.touched and not p.failed_here \
                     and p.kind not in (P.Kind.RESYNC_BEGIN, P.Kind.RESYNC_DONE):
                 # (one that failed here as well changed nothing on either copy)
+                p.requeued = True
                 self.on_failed(p)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
                 self._resynced()
@@ -508,9 +510,11 @@ class Mirror:
         if p is None:
             return False
         await p.done.wait()
-        if p.errno and p.resync:
+        if p.errno and p.requeued:
             # Resynchronising: the items it touched are sent again (see begin_resync),
-            # and the peer counts as up to date only once they were.
+            # and the peer counts as up to date only once they were. (One sent during
+            # the resync but answered after its end is an ordinary failure: chaos
+            # finding, the peer was marked up to date and the write never reached it.)
             log.debug("peer could not apply operation %d yet: %s", p.seq, os.strerror(p.errno))
             return True
         if p.errno:

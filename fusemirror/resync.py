@@ -405,7 +405,7 @@ class Resync:
         async with self.lock(ino), self._item(ino):
             self._check()
             try:
-                self._rel(dfd)
+                here = self._rel(dfd)
             except FileNotFoundError:
                 return []
             theirs = await self._probe(self._at(dfd), probe.ENTRIES | probe.HASHES)
@@ -435,7 +435,7 @@ class Resync:
                         # they are bound again, and this one is compared again.
                         self.touched((e[_INO],), failed=True)
                 if e[_TYPE] == stat.S_IFREG and e[_NLINK] > 1:
-                    self._groups.setdefault(e[_INO], {})[ino] = self._rel(dfd)
+                    self._groups.setdefault(e[_INO], {})[ino] = here
                 if e[_TYPE] == stat.S_IFDIR:
                     visit.append(name)
                 elif e[_INO] in self.done:
