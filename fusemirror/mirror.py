@@ -342,7 +342,8 @@ class Mirror:
             if p.kind in (P.Kind.RENAME, P.Kind.LINK):
                 await self.journal.mark_everything()    # a subtree moved, or a link added
             for ino in p.touched:
-                await self.journal.mark_node(ino)
+                if ino >= 0:        # (a resync's own step names itself with a marker)
+                    await self.journal.mark_node(ino)
 
     async def _outdate(self, reason: str) -> None:
         """The peer's copy is no longer good: record it durably (and what it may lack),

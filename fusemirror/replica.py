@@ -157,7 +157,12 @@ class ReplicaServer:
                 self.session.applier.close()
             self.session = Session(hello.session, self.root_fd)
         own = self.state.get("changed_alone") or self.state.get("needs_full")
-        uptodate = self.state.get("uptodate", True) and not own
+        # As a primary, this copy may have applied changes its peer never got (given up
+        # when the peer stopped answering, or in flight when its agent died): it is no
+        # copy of any primary until resynchronised (chaos finding: the new primary
+        # replicated to it as it was).
+        behind = own or self.state.get("peer_outdated") or self.state.get("acting_primary")
+        uptodate = self.state.get("uptodate", True) and not behind
         never = not (self.state.get("resynced_at") or self.state.get("peer_synced"))
         if (self.state.get("changed_alone") or never) \
                 and self.quarantine_folder is not None and fs.version >= 2:

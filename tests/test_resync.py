@@ -546,3 +546,47 @@ def test_resync_under_a_busy_namespace(make_pair, seed):
             t.join(30)
     assert not errors, errors[:5]
     assert pair.primary.status()["resync"]["state"] == "done"
+
+
+def test_a_former_primary_with_changes_the_peer_lacks_is_resynchronised(make_pair):
+    """Chaos finding (seed 11, fault 29): a primary whose write was given up (its peer
+    stopped answering) became the replica of that peer, now primary; the new primary
+    replicated to it without a resynchronisation, and the given-up write stayed in the
+    old primary's copy only. A copy with changes its peer lacks must say it is not up to
+    date when a primary connects."""
+    pair = make_pair(policy="block", timeout=2.0)
+    pair.start()
+    write(pair.primary.path("f"), b"both nodes have this")
+    pair.assert_identical()
+    fd = os.open(pair.primary.path("f"), os.O_WRONLY | os.O_APPEND)
+    outcome = []
+
+    def append():
+        try:
+            os.write(fd, b"; only the old primary applied this")
+            outcome.append("acknowledged")
+        except OSError as e:
+            outcome.append(e.errno)
+    try:
+        pair.replica.kill(signal.SIGSTOP)       # the write is sent, applied here, unanswered
+        t = threading.Thread(target=append)
+        t.start()
+        time.sleep(0.5)
+        pair.replica.kill(signal.SIGKILL)       # and it dies with the replica's socket
+        pair.replica.stop()
+        t.join(30)
+    finally:
+        os.close(fd)
+    assert outcome and outcome[0] != "acknowledged", outcome
+    assert pair.primary.state().get("peer_outdated")
+    with open(f"/proc/self/fd/{pair.primary.backing_fd}/f", "rb") as f:
+        assert f.read() != b"both nodes have this"        # applied here, never answered
+    back = f"127.0.0.1:{free_port()}"
+    cli("role", pair.primary.dir, "replica", "--listen", back)
+    pair.replica.mount("--role", "primary", "--peer", back, "--secret-file", pair.secret,
+                       "--on-peer-loss", "block", "--timeout", 2.0)
+    wait_for(lambda: link_of(pair.replica) == "connected", timeout=30,
+             what="the new primary's link")
+    with open(f"/proc/self/fd/{pair.primary.backing_fd}/f", "rb") as f:
+        assert f.read() == b"both nodes have this"
+    assert not pair.backing_difference()
