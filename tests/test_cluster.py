@@ -583,6 +583,34 @@ def test_kill_9_of_the_primary_agent_restarts_the_application_on_the_new_mount(c
     _verify(c, "alpha")
 
 
+def test_kill_9_of_the_primary_agent_with_a_checker_needs_no_admin(cluster):
+    """Chaos finding (seed 1, fault 1): with a checker, the dead mount made the checker
+    restart the application before the agent was back; start_prim failed (EROFS, or the
+    mount missing), that failure blocked every automatic promotion, and both nodes
+    waited for the admin. Now the application starts again once the mounts are back."""
+    c = cluster(checkers=CHECKER.replace("limit = 1", "limit = 5"))
+    _pair(c)
+    writer, log = c.client(duration=12)
+    time.sleep(1.5)
+    os.kill(c.agent("alpha")["pid"], signal.SIGKILL)
+    assert writer.wait(timeout=40) == 0
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        states = {n: c.state(n)["me"] for n in ("alpha", "beta")}
+        serving = [n for n, m in states.items()
+                   if m["state"] in ("PRIM", "ALONE") and m["readiness"] == "Ready"]
+        if serving and all(m["state"] != "WAIT" for m in states.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"no node serves without the admin: {states}\n"
+                             + c.tail("alpha") + c.tail("beta"))
+    assert not _lost(c, log)[1]
+    entries = C.read_log(log)
+    assert C.acknowledged(entries)[-1]["mono"] > entries[0]["mono"] + 8, \
+        "the service did not come back before the client's end"
+
+
 def test_kill_9_of_the_second_lets_the_primary_go_on_alone(cluster):
     c = cluster()
     _pair(c)
