@@ -53,6 +53,11 @@ class Quarantine:
             return False
         dest = self._destination(path)
         try:
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                # Its other names stay in the tree: moving this one would leave the kept
+                # version sharing their inode (changed with them, and a hard-link group
+                # reaching outside the tree; chaos finding): a copy is kept instead.
+                raise OSError(18, "keep a copy")
             os.rename(name, dest, src_dir_fd=dfd)
         except OSError as e:
             if e.errno != 18:                   # EXDEV: another filesystem, copy then remove

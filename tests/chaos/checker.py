@@ -14,7 +14,9 @@ was sent, it must come first in the history (whatever nodes acknowledged them).
 
 Dual writers (two nodes accepting writes at the same time), from the writer's log alone
 plus the history. Each node's acknowledgement windows are the maximal runs of its
-acknowledged attempts (an attempt failing, or no attempt for GAP seconds, ends a run),
+acknowledged attempts (an attempt failing, the node ceasing to be a target of the writer
+because its controller no longer claims PRIM or ALONE, or no attempt for GAP seconds, ends
+a run),
 from the first one's `sent` to the last one's `acked`: the node was accepting writes all
 along. Two windows of different nodes that intersect in time are an overlap. The only
 overlap allowed is a late acknowledgement: the older window's records acknowledged after
@@ -48,7 +50,7 @@ def read_jsonl(path: str) -> list[dict]:
                     e = json.loads(line)
                 except ValueError:
                     continue              # a line cut short by a kill
-                if isinstance(e, dict) and "seq" in e:
+                if isinstance(e, dict) and ("seq" in e or "idle" in e):
                     out.append(e)
     except FileNotFoundError:
         pass

@@ -37,6 +37,22 @@ def test_a_clean_hand_over_has_no_dual_writer_window():
     assert w.by_node == {"alpha": 2, "beta": 2}
 
 
+def test_a_hand_over_and_back_within_a_second_is_no_dual_writer_window():
+    """Seen in a 30-minute run: beta stopped being a target, alpha acknowledged for 0.35 s,
+    beta again 0.6 s after its last acknowledgement. Without the writer's idle mark,
+    beta's two stretches read as one window around alpha's: a dual writer that never was."""
+    log = [ack(1, "beta", 0.0, 0.01), ack(2, "beta", 0.4, 0.43),
+           {"node": "beta", "sent": 0.5, "idle": True},
+           ack(3, "alpha", 0.54, 0.55), ack(4, "alpha", 0.82, 0.89),
+           ack(5, "beta", 1.04, 1.05), ack(6, "beta", 1.07, 1.08)]
+    w = checker.check_writer(log, history(1, 2, 3, 4, 5, 6), set())
+    assert (w.lost, w.dual, w.order) == ([], [], [])
+    # the same without the mark: flagged, as the checker must when it cannot tell
+    w = checker.check_writer([e for e in log if "idle" not in e],
+                             history(1, 2, 3, 4, 5, 6), set())
+    assert len(w.dual) == 1 and w.dual[0]["nodes"] == ["beta", "alpha"]
+
+
 def test_a_late_acknowledgement_already_in_the_new_history_is_excused():
     # alpha froze with record 3 applied on both copies; beta took over; alpha answered late
     log = [ack(1, "alpha", 0.0, 0.1), ack(2, "alpha", 0.2, 0.3), ack(3, "alpha", 0.4, 6.0),

@@ -20,6 +20,7 @@ the log, flushed at once:
     {"seq": K, "node": N, "sent": S, "acked": A}           fsync returned: acknowledged
     {"seq": K, "node": N, "sent": S, "error": E, "at": T}  refused (errno name, or
                                                             "not-mounted")
+    {"node": N, "sent": S, "idle": true}                   N stopped being a target
 
 S, A and T are time.monotonic(), comparable with every other process on the machine. The
 node that acknowledged a record is the one whose folder it was written to. A file that
@@ -149,13 +150,21 @@ class Writer:
 
     def run_node(self, node: str) -> None:
         folder = self.folders[node]
+        target = False
         while True:
             doc = self.gate.wait_turn(node)
             if doc is None:
                 return
             if node not in doc.get("targets", ()):
+                if target:
+                    # The node's acknowledgement window ends here: what it acknowledged
+                    # before and after are not one stretch of accepting writes (the
+                    # checker's dual-writer rule).
+                    self.emit({"node": node, "sent": time.monotonic(), "idle": True})
+                    target = False
                 time.sleep(INTERVAL / 2)
                 continue
+            target = True
             with self.lock:
                 k = next(self.seq)
             if k > self.count:
