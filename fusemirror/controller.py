@@ -765,6 +765,13 @@ class Controller:
             log.error("start_prim not run: a mount agent is not healthy (%s)",
                       self.agents.unhealthy_reason())
             return
+        if not self.status.state.is_primary:
+            # This node stopped being primary while it waited (its lease ran out during
+            # an application restart; chaos finding: the agents were made primary again
+            # under a WAIT controller and the application acknowledged a request that the
+            # new primary never had).
+            log.warning("start_prim not run: this node is %s now", self.status.state)
+            return
         if any(fa.role == REPLICA for fa in self.agents.folders):
             # An agent started again (after it died) comes back read-only: give it the
             # primary's role first, or the application would meet EROFS.
