@@ -623,7 +623,13 @@ def test_kill_9_of_the_second_lets_the_primary_go_on_alone(cluster):
     assert not _lost(c, log)[1]
     # writes waited for the controller's decision (about the heartbeat timeout), no longer
     assert C.longest_outage(entries, include_open=True) < 4, C.outages(entries)
-    assert me["diverged"] is True           # it acknowledged writes that beta lacks
+    # it acknowledged writes that beta lacks: the status says so once the controller has
+    # polled the agent after the first of them (not necessarily when it turned ALONE)
+    deadline = time.monotonic() + 10
+    while not me["diverged"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        me = c.state("alpha")["me"]
+    assert me["diverged"] is True, me
     c.start("beta")
     me = c.wait_state("beta", "SECOND", readiness="Ready", timeout=40)
     assert me["uptodate"]
