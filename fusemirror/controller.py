@@ -124,6 +124,9 @@ class Controller:
                                   self.node.name, self.secret, timeout=w.request_timeout)
                       if w.mode == "lease" else None)
         self._deadline_sent: float | None = None
+        # Lease mode: the epoch the witness granted this node for its current period of
+        # acknowledging writes without its peer (see _fence_peer); None while replicating.
+        self._alone_epoch: int | None = None
         # A SECOND that is heard but acknowledges nothing for this long is asked to leave
         # the mirror (the replication network alone is down, say): the primary goes on.
         self.stall_limit = max(2.0, 2 * config.heartbeat.timeout)
@@ -355,8 +358,9 @@ class Controller:
         """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether
         the copy is exact and whether the replication link is lost."""
         folders = self.agents.folders
-        if p.busy and not p.replicating:
+        if p.busy and not p.replicating and p.state is not State.ALONE:
             return me, False, False      # a promotion that has not connected its agents yet
+        # (a promotion to ALONE will acknowledge writes without this node: out of date now)
         if me.uptodate and (p.diverged or not p.replicating
                             or not all(fa.uptodate for fa in folders)):
             why = (f"{p.name} acknowledged writes this node does not have" if p.diverged
@@ -373,12 +377,14 @@ class Controller:
                 and self.agents.healthy() and all(fa.uptodate and fa.resynced_at > since
                                                   for fa in folders)):
             # Every agent was resynchronised by this primary since the copy went out of date.
-            await self._persist(uptodate=True, epoch=p.epoch, last_primary=p.last_primary)
+            await self._persist(uptodate=True, epoch=p.epoch, lease_epoch=p.epoch,
+                                last_primary=p.last_primary)
             log.info("this copy is up to date again: resynchronised from %s", p.name)
             me = replace(me, uptodate=True, epoch=p.epoch, last_primary=p.last_primary)
         exact = me.uptodate and p.replicating and connected and self.agents.healthy()
-        if exact and (me.epoch, me.last_primary) != (p.epoch, p.last_primary):
-            await self._persist(epoch=p.epoch, last_primary=p.last_primary)
+        if exact and ((me.epoch, me.last_primary) != (p.epoch, p.last_primary)
+                      or self._claim() != p.epoch):
+            await self._persist(epoch=p.epoch, lease_epoch=p.epoch, last_primary=p.last_primary)
             me = replace(me, epoch=p.epoch, last_primary=p.last_primary)
         if connected or not p.replicating:
             self._link_down_since = None
@@ -435,7 +441,7 @@ class Controller:
         backoff_until = 0.0
         while True:
             if self._wants_lease() and trio.current_time() >= backoff_until:
-                grant = await self.lease.acquire(self.store.get("epoch"))
+                grant = await self.lease.acquire(self._claim())
                 if grant is None and not self.lease.held():
                     # Unanswered and not holding it: maybe only the answers are lost (a
                     # one-way loss), and every request extends this node's lease at the
@@ -445,9 +451,53 @@ class Controller:
                     log.warning("lease: %s", grant.describe())
                 self.wake()
             elif self.lease.held() and not self.status.busy:
-                await self.lease.release(self.store.get("epoch"))
+                await self.lease.release(self._claim())
             await self._push_deadline()
             await trio.sleep(every)
+
+    def _claim(self) -> int:
+        """The epoch this node stands for at the witness: the last one the witness granted
+        it, or that it took over from the primary it mirrored exactly. Its persisted epoch
+        may be newer and yet mean nothing there: a promotion without the witness (both
+        nodes present) that was cancelled before it replicated anything; the peer may have
+        been granted that same number meanwhile, for writes this node does not have."""
+        return self.store.get("lease_epoch", self.store.get("epoch"))
+
+    async def _witness_epoch(self, epoch: int):
+        """Has the witness grant `epoch` to this node: first the epoch this node stands for
+        (refused if the witness granted a newer one: this copy is older than another's),
+        then the new one. The last answer (None if none); lease_epoch persisted if granted."""
+        grant = await self.lease.acquire(self._claim())
+        if grant is not None and grant.granted and epoch != self._claim():
+            grant = await self.lease.acquire(epoch)
+        if grant is not None and grant.granted:
+            await self._persist(lease_epoch=epoch)
+            self._alone_epoch = epoch
+        return grant
+
+    async def _fence_peer(self) -> bool:
+        """Lease mode: before this node acknowledges a change its peer will not have, the
+        witness must refuse the lease to the peer's copy. This node takes a new epoch above
+        any the peer may stand for and has the witness grant it (DRBD's fence-peer, done by
+        the witness): if this node dies while apart, the peer is not promoted without its
+        changes. False when the witness did not grant it: nothing may be acknowledged alone.
+        Once per period alone (the promotion that took the lease counts)."""
+        if self.lease is None or self._alone_epoch == self.store.get("epoch"):
+            return True
+        old = (self.store.get("epoch"), self.store.get("last_primary"))
+        p = self.peer
+        new = max(old[0], self._claim(), p.epoch if p is not None else 0) + 1
+        await self._persist(epoch=new, last_primary=self.node.name)
+        grant = await self._witness_epoch(new)
+        if grant is not None and grant.granted:
+            log.info("epoch %d granted by the witness before acknowledging changes without "
+                     "%s: its copy cannot be given the lease any more", new, self.peer_node.name)
+            await self._push_deadline_now(self.lease.valid_until_monotonic)
+            return True
+        await self._persist(epoch=old[0], last_primary=old[1])   # nothing written at it
+        log.error("not acknowledging changes without %s: the witness did not grant epoch %d "
+                  "(%s)", self.peer_node.name, new, grant.describe() if grant else "no answer")
+        return False
 
     async def _push_deadline(self) -> None:
         """The agents may acknowledge changes alone until the lease's end; without a
@@ -572,6 +622,8 @@ class Controller:
             self._start_transition("resync", self._start_resync())
 
     async def _start_resync(self) -> None:
+        if not await self._fence_peer():     # changes are acknowledged during the resync
+            return
         errors = await self.agents.set_role(PRIMARY, policy="alone")
         if errors:
             log.warning("cannot resynchronise %s (%s); trying again in %g s",
@@ -682,7 +734,7 @@ class Controller:
         self.replicating = False
         self.script_failure = None        # this attempt's own outcome decides from here
         if self.lease is not None and not self._same_data(view.me, p):
-            grant = await self.lease.acquire(epoch)
+            grant = await self._witness_epoch(epoch)
             if grant is None or not grant.granted:
                 why = (f"the witness did not grant the lease at epoch {epoch}: "
                        f"{grant.describe() if grant else 'no answer'}")
@@ -722,6 +774,11 @@ class Controller:
         links = [fa.link for fa in self.agents.folders]
         if all(k == "connected" for k in links):
             self.replicating = True
+            # Every change reaches the peer again, which takes this node's epoch: the next
+            # period alone needs a new one, and this one is what this node stands for.
+            self._alone_epoch = None
+            if self._claim() != self.store.get("epoch"):
+                await self._persist(lease_epoch=self.store.get("epoch"))
         else:
             # The peer's copy must be compared first (a first pairing): the agents
             # resynchronise it, and replication counts once they are all connected.
@@ -730,6 +787,8 @@ class Controller:
     async def _agents_to(self, role: str, lost: bool = False, fence: bool = False) -> None:
         if role != PRIMARY:
             self.replicating = False
+        if role == ALONE and not await self._fence_peer():
+            return          # the agents stay as they are: nothing is acknowledged alone
         with self._step(f"agents to {role}"):
             errors = await self.agents.set_role(role, policy="alone" if role == ALONE
                                                 else "block", peer_lost=lost, fence=fence)
@@ -745,7 +804,7 @@ class Controller:
         await self._agents_to(REPLICA)
         log.info("%s 3/3: agents replica (read-only)", what)
         if self.lease is not None and self.lease.held():
-            await self.lease.release(self.store.get("epoch"))
+            await self.lease.release(self._claim())
             log.info("%s: lease released", what)
 
     async def _restart_app(self) -> None:

@@ -317,6 +317,13 @@ def _takeover_blocker(view, policy) -> str | None:
             return _split_brain("both nodes acknowledged writes while apart")
         return (f"data not up to date: {last.name} acknowledged writes that this node does "
                 f"not have (primforce overrides)")
+    if (last is not None and last.state is State.ALONE and me.state is not State.ALONE
+            and me.resolve != me.name):
+        # It was last heard acting without this node, perhaps still promoting: it may
+        # have acknowledged writes since, and its epoch says nothing (this node may hold
+        # the same number from a promotion of its own that was cancelled).
+        return (f"data not up to date: {last.name} was last heard ALONE, acknowledging "
+                f"writes without this node (primforce overrides)")
     if last is None and me.last_primary != me.name:
         # At start nothing tells whether the last primary wrote after this node left.
         return ("data not up to date: this node was not the last primary and has not "
@@ -566,6 +573,9 @@ def _cmd_prim(force: bool):
             overridden.append(f"{last.name} holds the newer epoch {last.epoch}")
         if last is not None and last.diverged:
             overridden.append(f"{last.name} acknowledged writes that this node does not have")
+        elif last is not None and last.state is State.ALONE and p is None:
+            overridden.append(f"{last.name} was last heard ALONE, acknowledging writes "
+                              f"without this node")
         if not view.guard.ok:
             overridden.append(f"split-brain guard: {view.guard.reason}")
         target = State.PRIM if p is not None and p.state is State.SECOND else State.ALONE

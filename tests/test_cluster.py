@@ -813,6 +813,44 @@ def test_lease_mode_without_the_witness_keeps_the_primary_but_nobody_takes_over(
     assert me["state"] == "WAIT" and "lease witness unreachable" in me["reason"], me
 
 
+def test_lease_mode_a_stale_second_never_replaces_a_primary_that_wrote_alone(cluster):
+    """A partition between the nodes, the witness reachable from both: alpha goes on alone
+    (it holds the lease) and acknowledges writes beta never gets; then alpha dies. Its
+    lease expires, but beta must not take it over: its copy lacks those writes. alpha
+    raised its epoch at the witness before its first write alone, and the witness
+    refuses beta's older one."""
+    c, local, local_log = _lease_pair_with_local_writer(cluster, 12)
+    deadline = time.monotonic() + 10              # the witness grants nothing at first
+    while not c.state("alpha")["guard"]["ok"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    c.lab.drop("alpha", "both", peer="beta")
+    me = c.wait_state("alpha", "ALONE", timeout=20)
+    deadline = time.monotonic() + 10
+    while not me["diverged"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        me = c.state("alpha")["me"]
+    assert me["diverged"], me
+    time.sleep(1)                                 # more writes acknowledged alone
+    c.kill("alpha")
+    killed = time.monotonic()
+    while time.monotonic() < killed + 8:          # alpha's lease ran out after 1.5 s
+        me = c.state("beta")["me"]
+        assert me["state"] not in ("ALONE", "PRIM"), me
+        time.sleep(0.2)
+    assert me["state"] == "WAIT" and "epoch" in me["reason"], me
+    c.lab.undrop("alpha")
+    local.wait(timeout=30)
+    c.start("alpha")
+    c.wait_state("alpha", "PRIM", timeout=40)     # it keeps what it wrote alone
+    c.wait_state("beta", "SECOND", timeout=40)
+    with open(local_log) as f:
+        acked = {e["seq"] for e in map(json.loads, f) if "acked" in e}
+    with open(os.path.join(c.folder("alpha"), "local.log")) as f:
+        on_alpha = {int(line) for line in f if line.strip()}
+    assert acked and acked <= on_alpha, sorted(acked - on_alpha)
+    _verify(c, "alpha")
+
+
 @pytest.mark.parametrize("direction, guard", [("in", "ping"), ("out", "ping"),
                                               ("in", "lease"), ("out", "lease")])
 def test_one_way_loss_at_the_primary_ends_with_one_primary(cluster, direction, guard):

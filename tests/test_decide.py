@@ -199,6 +199,14 @@ CASES = [
          Action.NOTHING, WAIT, NOT_READY,
          "data not up to date: beta acknowledged writes that this node does not have "
          "(primforce overrides)"),
+    # chaos seed 12, fault 9: alpha's own promotion (epoch 5, without the witness: both
+    # nodes were there) was cancelled when beta promoted itself ALONE at the same epoch
+    # number with the lease; alpha then lost beta before beta's first write was known.
+    case("wait: peer lost while promoting itself ALONE at this node's epoch",
+         view(me(WAIT), peer(ALONE, busy=True), alive=False),
+         Action.NOTHING, WAIT, NOT_READY,
+         "data not up to date: beta was last heard ALONE, acknowledging writes without "
+         "this node (primforce overrides)"),
     case("wait: peer lost, failover off",
          view(me(WAIT, failover=False), peer(SECOND), alive=False),
          Action.NOTHING, WAIT, NOT_READY, "failover off: no automatic promotion (prim promotes)"),
@@ -509,6 +517,11 @@ CASES = [
     case("command prim refused: data not up to date",
          view(me(WAIT, uptodate=False), command=Command.PRIM),
          Action.REFUSE, WAIT, READY, "prim refused: data not up to date (primforce overrides)"),
+    case("command prim refused: the lost peer was last heard ALONE",
+         view(me(WAIT), peer(ALONE), alive=False, command=Command.PRIM),
+         Action.REFUSE, WAIT, READY,
+         "prim refused: beta was last heard ALONE, acknowledging writes without this node "
+         "(primforce overrides)"),
     case("command prim refused: guard",
          view(me(WAIT), command=Command.PRIM, guard=NO_WITNESS),
          Action.REFUSE, WAIT, READY,

@@ -236,10 +236,12 @@ class Lab:
             else:
                 raise LabError(f"side must be 'node' or 'bridge', not {side!r}")
 
-    def drop(self, member: str, direction: str, net: int | None = None) -> None:
+    def drop(self, member: str, direction: str, net: int | None = None,
+             peer: str | None = None) -> None:
         """Drop IP traffic (IPv4 and IPv6, not ARP) on the member's veth(s) in one
-        direction ("in" or "out") or "both", with nftables inside its namespace.
-        Loopback inside the namespace is untouched. Repeated calls add rules."""
+        direction ("in" or "out") or "both", with nftables inside its namespace; only
+        the traffic with another member when `peer` names it. Loopback inside the
+        namespace is untouched. Repeated calls add rules."""
         if direction not in ("in", "out", "both"):
             raise LabError(f"direction must be 'in', 'out' or 'both', not {direction!r}")
         script = [f"add table inet {NFT_TABLE}",
@@ -248,10 +250,16 @@ class Lab:
                   f"add chain inet {NFT_TABLE} output "
                   "{ type filter hook output priority -300 ; policy accept ; }"]
         for i in self._nets(net):
+            src = dst = ""
+            if peer is not None:
+                src, dst = (f"ip saddr {self.address(peer, i)} ",
+                            f"ip daddr {self.address(peer, i)} ")
             if direction in ("in", "both"):
-                script.append(f"add rule inet {NFT_TABLE} input iifname \"{self.dev(i)}\" drop")
+                script.append(f"add rule inet {NFT_TABLE} input iifname \"{self.dev(i)}\" "
+                              f"{src}drop")
             if direction in ("out", "both"):
-                script.append(f"add rule inet {NFT_TABLE} output oifname \"{self.dev(i)}\" drop")
+                script.append(f"add rule inet {NFT_TABLE} output oifname \"{self.dev(i)}\" "
+                              f"{dst}drop")
         self.run(member, ["nft", "-f", "-"], input="\n".join(script) + "\n")
 
     def undrop(self, member: str) -> None:
