@@ -46,12 +46,27 @@ FOLDER = "/srv/app"
 APP_PORT = 8080
 VIP_HOST = 50
 
+# Stops the instance named by $PIDFILE, if any (TERM, then KILL after 5 s).
+_STOP_APP = """if [ -e "$PIDFILE" ]; then
+    pid=$(cat "$PIDFILE")
+    if kill -TERM "$pid" 2>/dev/null; then
+        i=0
+        while [ -e "$PIDFILE" ] && kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do
+            sleep 0.05; i=$((i + 1))
+        done
+        [ -e "$PIDFILE" ] && kill -KILL "$pid" 2>/dev/null
+    fi
+    rm -f "$PIDFILE"
+fi
+"""
+
+# An instance still running (started by an earlier start_prim that its stop_prim never
+# followed) is stopped first: it would hold the port, and nothing would know it any more.
 START_PRIM = """#!/bin/sh
 # start_prim of the sample application (written by fusemirror.lab.cluster)
 PIDFILE="{scratch}/$FUSEMIRROR_NODE.app.pid"
 LOG="{scratch}/$FUSEMIRROR_NODE.app.log"
-rm -f "$PIDFILE"
-cd "{top}"
+""" + _STOP_APP + """cd "{top}"
 PYTHONPATH="{top}" setsid "{python}" -m demo.app --dir "$FUSEMIRROR_ROOT{folder}" \\
     --port {port} --pidfile "$PIDFILE" </dev/null >>"$LOG" 2>&1 &
 pid=$! i=0
@@ -69,15 +84,7 @@ done
 STOP_PRIM = """#!/bin/sh
 # stop_prim of the sample application (written by fusemirror.lab.cluster)
 PIDFILE="{scratch}/$FUSEMIRROR_NODE.app.pid"
-[ -e "$PIDFILE" ] || exit 0
-pid=$(cat "$PIDFILE")
-kill -TERM "$pid" 2>/dev/null || {{ rm -f "$PIDFILE"; exit 0; }}
-i=0
-while [ -e "$PIDFILE" ] && kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do
-    sleep 0.05; i=$((i + 1))
-done
-if [ -e "$PIDFILE" ]; then kill -KILL "$pid" 2>/dev/null; rm -f "$PIDFILE"; fi
-{extra_stop}
+""" + _STOP_APP + """{extra_stop}
 """
 
 
