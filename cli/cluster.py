@@ -22,6 +22,7 @@ from fusemirror import errors as X
 from fusemirror.states import State
 
 LOG_DIR = "/var/log/fusemirror"
+STATE_DIR = "/var/lib/fusemirror"
 WAIT_POLL = 0.2
 
 
@@ -113,7 +114,7 @@ def register(cli: click.Group) -> None:
                   help="the module's TOML file (default /etc/fusemirror/MODULE.toml)")
     @click.option("-m", "--module", help="the module, to find its default configuration")
     @click.option("-n", "--node", help="this node's name (default: the host name)")
-    @click.option("--state-dir", default="/var/lib/fusemirror", show_default=True)
+    @click.option("--state-dir", default=STATE_DIR, show_default=True)
     @click.option("--log-dir", default=LOG_DIR, show_default=True)
     @click.option("--run-dir", default=control.RUN_DIR, hidden=True)
     @click.option("-v", "--verbose", is_flag=True)
@@ -149,9 +150,11 @@ def register(cli: click.Group) -> None:
                   help="a folder holding MODULE.secret for every module served")
     @click.option("--lease", "length", type=float, default=1.5, show_default=True,
                   help="seconds a lease lasts (witness.length in the modules' files)")
+    @click.option("--state", "state_file", default=os.path.join(STATE_DIR, "witness.state"),
+                  show_default=True, help="where the modules' epochs are kept across restarts")
     @click.option("--log-file", default=os.path.join(LOG_DIR, "witness.log"), show_default=True)
     @click.option("-v", "--verbose", is_flag=True)
-    def witness(listen, secrets, length, log_file, verbose):
+    def witness(listen, secrets, length, state_file, log_file, verbose):
         """Run the lease witness for any number of modules, in the foreground."""
         import trio
 
@@ -161,15 +164,23 @@ def register(cli: click.Group) -> None:
         try:
             addresses = [parse_address(a, "--listen") for a in listen]
             table = lease.load_secrets(secrets)
+            os.makedirs(os.path.dirname(os.path.abspath(state_file)), exist_ok=True)
+            lease.load_epochs(state_file)          # a damaged file: one line, exit 2
         except X.Failure as e:
             _fail(e.code, str(e))
+        except OSError as e:
+            _fail(X.BAD_CONFIG, f"cannot use the witness state {state_file}: {e.strerror}")
         setup_logging(log_file, True, verbose)
 
         async def main():
+            # One table of leases for every address: a node is never granted on one
+            # address what the other holds on another.
+            server = lease.LeaseServer(table, length, state_file=state_file,
+                                       grace_until=trio.current_time() + length)
             async with trio.open_nursery() as nursery:
                 for host, port in addresses:
                     await nursery.start(lambda task_status, h=host, p=port: lease.serve(
-                        h, p, table, length=length, task_status=task_status))
+                        h, p, table, length=length, server=server, task_status=task_status))
                 logging.getLogger("fusemirror").info(
                     "witness for %s on %s, leases of %g s", ", ".join(sorted(table)),
                     ", ".join(listen), length)

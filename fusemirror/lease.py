@@ -28,8 +28,9 @@ The rules (LeaseTable.request)::
       then renews with epoch+1 *before* acknowledging any write at the new epoch;
     - for `length` seconds after the witness starts it grants nothing (STARTING):
       a lease granted before a restart has expired by then. Keep `length` when
-      restarting the witness. The epochs are kept in memory only: after a restart
-      the floor starts again at 0.
+      restarting the witness. The epochs are kept in a state file (`LeaseServer`'s
+      `state_file`), written and fsynced before the answer that follows a change is
+      sent, so a restart does not lower the floor; without one, it starts again at 0.
     - a refused request changes nothing. The lease length is the server's, the same
       for every module (DEFAULT_LENGTH, 2.0 s); every reply says how long is left.
 
@@ -121,6 +122,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -213,12 +215,17 @@ class _Lease:
 class LeaseTable:
     """The leases of every module (see "The rules" above). No I/O, no clock."""
 
-    def __init__(self, length: float = DEFAULT_LENGTH, *, grace_until: float = -math.inf):
+    def __init__(self, length: float = DEFAULT_LENGTH, *, grace_until: float = -math.inf,
+                 epochs: Mapping[str, int] | None = None):
         if not 0 < length <= 3600:
             raise ValueError("the lease length must be between 0 and 3600 seconds")
         self.length, self.grace_until = length, grace_until
-        self._leases: dict[str, _Lease] = {}
+        self._leases: dict[str, _Lease] = {m: _Lease(epoch=e) for m, e in (epochs or {}).items()}
         self._events: list[str] = []
+
+    def epochs(self) -> dict[str, int]:
+        """Each module's highest granted epoch (what a restarted witness must keep)."""
+        return {m: x.epoch for m, x in self._leases.items() if x.epoch}
 
     def request(self, module: str, node: str, epoch: int, op: Op, now: float) -> Grant:
         op = Op(op)
@@ -406,14 +413,36 @@ def _nonce() -> bytes:
 
 
 class LeaseServer:
-    """The witness's protocol: datagram in, reply out (or None), with the nonces."""
+    """The witness's protocol: datagram in, reply out (or None), with the nonces; one
+    for all the addresses the witness listens on (one table of leases).
+
+    With a `state_file`, the epochs survive a restart: loaded at start (Failure
+    BAD_CONFIG if the file cannot be read or is damaged: the floor it held is not
+    guessed), saved (write, fsync, rename) whenever one rose, before the answer goes out.
+    A save that fails leaves the request unanswered; the next one tries again."""
 
     def __init__(self, secrets: Mapping[str, bytes], length: float = DEFAULT_LENGTH, *,
-                 grace_until: float = -math.inf):
+                 grace_until: float = -math.inf, state_file: str | None = None):
         self.secrets = dict(secrets)
-        self.table = LeaseTable(length, grace_until=grace_until)
+        self.state_file = state_file
+        self._saved = load_epochs(state_file) if state_file else {}
+        self.table = LeaseTable(length, grace_until=grace_until, epochs=self._saved)
         self._nonces: dict[str, dict[str, bytes]] = {}
         self.rejected: collections.Counter[Reason] = collections.Counter()
+
+    def _durable(self) -> bool:
+        """Whether the epochs as they stand are on disk (saving them if they are not)."""
+        epochs = self.table.epochs()
+        if self.state_file is None or epochs == self._saved:
+            return True
+        try:
+            save_epochs(self.state_file, epochs)
+        except OSError as e:
+            log.error("cannot save the epochs to %s: %s; not answering until it works",
+                      self.state_file, e.strerror or e)
+            return False
+        self._saved = epochs
+        return True
 
     def handle(self, data: bytes, now: float, source: object = "?") -> bytes | None:
         try:
@@ -432,6 +461,9 @@ class LeaseServer:
             current = _nonce()
         else:
             grant = self.table.peek(req.module, now)
+        if not self._durable():
+            nonces[req.node] = current
+            return None
         nonces[req.node] = current             # most recently used last
         if len(nonces) > MAX_NODES:
             del nonces[next(iter(nonces))]
@@ -465,13 +497,54 @@ def load_secrets(directory: str) -> dict[str, bytes]:
     return secrets
 
 
+def load_epochs(path: str) -> dict[str, int]:
+    """The epochs a witness saved in `path` ({} if there is no such file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise Failure(BAD_CONFIG, f"cannot read the witness state {path}: "
+                                  f"{e.strerror or e}") from None
+    try:
+        epochs = json.loads(raw)["epochs"]
+        if not (isinstance(epochs, dict) and all(
+                isinstance(m, str) and isinstance(e, int) and not isinstance(e, bool)
+                and 0 <= e <= MAX_EPOCH for m, e in epochs.items())):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise Failure(BAD_CONFIG, f"the witness state {path} is damaged: move it away only "
+                                  f"if no node acted alone since it was written") from None
+    return dict(epochs)
+
+
+def save_epochs(path: str, epochs: Mapping[str, int]) -> None:
+    """Write the epochs durably: a new file, fsynced, renamed over the old one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"epochs": dict(epochs)}, f, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 async def serve(host: str, port: int, secrets: Mapping[str, bytes], *,
-                length: float = DEFAULT_LENGTH, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                length: float = DEFAULT_LENGTH, server: LeaseServer | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the witness on host:port until cancelled; task_status.started(the bound port).
-    Failure(BAD_CONFIG) if the address cannot be used."""
+    Several addresses share one `server` (made here if None). Failure(BAD_CONFIG) if
+    the address cannot be used."""
     if not secrets:
         raise Failure(BAD_CONFIG, "the witness has no module secret")
-    server = LeaseServer(secrets, length, grace_until=trio.current_time() + length)
+    if server is None:
+        server = LeaseServer(secrets, length, grace_until=trio.current_time() + length)
     sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                               socket.SOCK_DGRAM)
     with sock:
@@ -481,6 +554,7 @@ async def serve(host: str, port: int, secrets: Mapping[str, bytes], *,
             raise Failure(BAD_CONFIG, f"cannot listen on {host} port {port}: "
                           f"{getattr(e, 'strerror', None) or e}") from None
         bound = sock.getsockname()[1]
+        length = server.table.length
         log.info("witness listening on %s port %d for %s; leases of %.1f s, none granted "
                  "in the first %.1f s", host, bound, ", ".join(sorted(secrets)), length, length)
         async with trio.open_nursery() as nursery:

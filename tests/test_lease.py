@@ -458,3 +458,79 @@ def test_load_secrets(tmp_path):
         L.load_secrets(str(tmp_path / "empty"))
     with pytest.raises(Failure, match="cannot read secrets folder"):
         L.load_secrets(str(tmp_path / "missing"))
+
+
+# --- the witness's state: epochs kept across restarts, one table for all addresses -------
+
+def test_epochs_survive_a_restart_through_the_state_file(tmp_path):
+    state = str(tmp_path / "witness.state")
+    server = LeaseServer(SECRETS, 1.0, state_file=state)
+    server.table.request("app", "alpha", 4, Op.ACQUIRE, now=0.0)
+    server.table.request("app", "alpha", 5, Op.RENEW, now=0.1)
+    assert server._durable() and L.load_epochs(state) == {"app": 5}
+    again = LeaseServer(SECRETS, 1.0, state_file=state)
+    # beta, at the epoch before alpha went on alone, is refused even after a restart
+    assert again.table.request("app", "beta", 4, Op.ACQUIRE, now=0.0).status is Status.EPOCH
+    assert again.table.request("app", "beta", 5, Op.ACQUIRE, now=0.0).granted
+    assert L.load_epochs(str(tmp_path / "missing")) == {}
+
+
+@pytest.mark.parametrize("text", ['{"epochs": {"app": -1}}', "{", '{"epochs": ["app"]}',
+                                  '{"epochs": {"app": true}}', ""])
+def test_a_damaged_state_file_is_a_configuration_failure(tmp_path, text):
+    state = tmp_path / "witness.state"
+    state.write_text(text)
+    with pytest.raises(Failure) as e:
+        LeaseServer(SECRETS, 1.0, state_file=str(state))
+    assert e.value.code == BAD_CONFIG and "is damaged" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_raise_that_cannot_be_saved_is_not_answered(tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    server = LeaseServer(SECRETS, 1.0, state_file=str(folder / "witness.state"))
+    folder.rmdir()                                        # the save fails from now on
+
+    def ask(epoch: int, nonce: bytes) -> bytes | None:
+        return server.handle(encode_request(Request(Op.ACQUIRE, os.urandom(16), nonce, epoch,
+                                                    "app", "alpha"), SECRET), now=0.0)
+
+    challenge = decode_reply(ask(0, NO_NONCE), SECRET)    # nothing changed: answered
+    assert challenge.grant.status is Status.CHALLENGE
+    assert ask(3, challenge.nonce) is None                # the floor rose: not durable
+    folder.mkdir()
+    assert ask(3, NO_NONCE) is not None and L.load_epochs(str(folder / "witness.state")) == {
+        "app": 3}
+
+
+async def test_two_addresses_of_one_witness_share_its_leases(tmp_path):
+    """alpha reaches the witness only on 127.0.0.1, beta only on ::1: still one holder."""
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            server = LeaseServer(SECRETS, LENGTH, state_file=str(tmp_path / "w.state"))
+            ports = [await nursery.start(lambda task_status, h=h: L.serve(
+                h, 0, SECRETS, server=server, task_status=task_status))
+                for h in ("127.0.0.1", "::1")]
+            alpha = client(ports[0], "alpha")
+            beta = LeaseClient([("::1", ports[1])], "app", "beta", SECRET, timeout=0.2,
+                               drift=DRIFT, safety=SAFETY)
+            assert (await alpha.acquire(2)).granted
+            g = await beta.acquire(2)
+            assert g.status is Status.HELD and g.holder == "alpha" and not beta.held()
+            nursery.cancel_scope.cancel()
+    assert L.load_epochs(str(tmp_path / "w.state")) == {"app": 2}
+
+
+def test_the_witness_command_refuses_a_damaged_state_file(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "app.secret").write_bytes(SECRET)
+    (tmp_path / "witness.state").write_text("{")
+    p = subprocess.run([sys.executable, "-m", "cli.main", "witness", "--listen", "127.0.0.1:7792",
+                        "--secrets", str(tmp_path), "--state", str(tmp_path / "witness.state"),
+                        "--log-file", str(tmp_path / "w.log")],
+                       capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == BAD_CONFIG, p.stderr
+    assert p.stderr.count("\n") == 1 and "witness.state is damaged" in p.stderr, p.stderr

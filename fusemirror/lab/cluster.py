@@ -141,7 +141,8 @@ class Cluster:
         out = open(os.path.join(self.log_dir, "witness.out"), "ab")
         p = self.lab.popen("client", [sys.executable, "-m", "cli.main", "witness", "--listen",
                                       f"{self.lab.address('client')}:7792", "--secrets",
-                                      secrets_dir, "--lease", str(length), "--log-file",
+                                      secrets_dir, "--lease", str(length), "--state",
+                                      os.path.join(self.scratch, "witness.state"), "--log-file",
                                       os.path.join(self.log_dir, "witness.log")],
                            cwd=TOP, env=dict(os.environ, PYTHONPATH=TOP),
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
