@@ -323,7 +323,7 @@ class MirrorFS(pyfuse3.Operations):
     async def _replicate(self, replicate: bool, kind: K, fields: dict) -> None:
         """Replicate a change already applied here."""
         p = await self.mirror.begin(kind, fields) if replicate else None
-        if not await self._finish(p):
+        if not await self._settle(replicate, p):
             self._alone_change()
 
     async def _both(self, replicate: bool, kind: K, fields: dict, local, undo=()):
@@ -341,7 +341,7 @@ class MirrorFS(pyfuse3.Operations):
                     await self._undo(p.mirror, undo, f"{kind.name} failed here ({e.strerror}) "
                                                      f"but not on the peer")
             raise
-        if not await self._finish(p):
+        if not await self._settle(replicate, p):
             self._alone_change()
         return result
 
@@ -539,7 +539,8 @@ class MirrorFS(pyfuse3.Operations):
                     f.replicated = False        # from now on this file changes without the peer
                     self._alone_change()
                 local.run()
-            await self._finish(p)
+            if replicate and f.replicated and not await self._settle(True, p):
+                self._alone_change()
             if local.error is not None or local.written < len(buf):
                 await self._repair(f, fh, off, len(buf))
             if local.error is not None:
@@ -549,6 +550,29 @@ class MirrorFS(pyfuse3.Operations):
     async def _finish(self, p) -> bool:
         """Wait for the peer's outcome; True if it applied the change."""
         return p is not None and await p.mirror.finish(p)
+
+    async def _settle(self, replicate: bool, p) -> bool:
+        """_finish for a change made here: one that was to be replicated but was not (the
+        peer was given up after _may_change, before or while it was sent) is journaled
+        now. The mirror journals what was waiting when it gave the peer up, but not a
+        change sequenced while it was recording that, nor one it no longer took (chaos
+        finding: a write given up that way was missing from the next resynchronisation,
+        and the copies differed)."""
+        if not replicate:
+            return False
+        try:
+            if await self._finish(p):
+                return True
+        except PeerError:
+            await self._journal_given_up()
+            raise
+        await self._journal_given_up()
+        return False
+
+    async def _journal_given_up(self) -> None:
+        change = _CHANGE.get()
+        if self.journal is not None and change is not None:
+            await change.journal(self.journal, ())
 
     async def _repair(self, f: _File, fh: int, off: int, length: int) -> None:
         """A write failed (or was short) here but may have succeeded on the peer: send

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 
 import pyfuse3
@@ -140,6 +141,44 @@ def test_frozen_replica_block_policy_times_out(make_pair):
         assert pair.primary.state()["peer_outdated"] is True
     finally:
         pair.replica.kill(signal.SIGCONT)
+
+
+def test_writes_waiting_for_room_when_the_peer_is_given_up_are_resynchronised(make_pair):
+    """A frozen replica: more writes than the replication window holds (64 MiB) are under
+    way when the primary gives the peer up. Those that were still waiting for room in the
+    window are applied here alone, and the next (journal-based) resynchronisation must
+    send them (chaos finding: they were in no journal, and the copies stayed different)."""
+    pair = make_pair(policy="alone", timeout=2.0).start()
+    count, size = 80, 1 << 20
+    fds = []
+    for i in range(count):
+        write_sync(pair.primary.path(f"f{i:02d}"), b"-")
+        fds.append(os.open(pair.primary.path(f"f{i:02d}"), os.O_WRONLY))
+    results = {}
+
+    def write(i):
+        try:
+            results[i] = os.pwrite(fds[i], bytes([65 + i % 26]) * size, 0)
+        except OSError as e:
+            results[i] = e.errno
+
+    pair.replica.kill(signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        pair.replica.kill(signal.SIGCONT)
+        for fd in fds:
+            os.close(fd)
+    assert all(v == size for v in results.values()) and len(results) == count, results
+    assert pair.primary.state()["peer_outdated"] is True
+    cli("role", pair.primary.dir, "primary")
+    wait_for(lambda: pair.primary.status()["mirror"]["link"] == "connected", timeout=60,
+             what="the resynchronisation")
+    pair.assert_identical()
 
 
 # --- network ---------------------------------------------------------------------
