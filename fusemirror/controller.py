@@ -160,6 +160,7 @@ class Controller:
         self._reviving = False
         self._stopping = False            # shutdown runs: no agent is started again
         self._resync_tried = -RESYNC_RETRY
+        self._second_outdated_since: float | None = None
         self._app_on_dead_mount = False
         self.decisions = 0
         self.transitions: dict[str, int] = {}
@@ -358,9 +359,11 @@ class Controller:
         """For a SECOND of primary p: keep `uptodate` and the epoch true, and say whether
         the copy is exact and whether the replication link is lost."""
         folders = self.agents.folders
-        if p.busy and not p.replicating and p.state is not State.ALONE:
+        if p.busy and not p.replicating and (p.state is not State.ALONE or p.hears_peer):
             return me, False, False      # a promotion that has not connected its agents yet
-        # (a promotion to ALONE will acknowledge writes without this node: out of date now)
+        # (a promotion to ALONE by a node that does not hear this one took the lease to act
+        # without it: out of date now; chaos seed 12, fault 9. One that hears it may be
+        # about to replicate to it: both nodes had the same data; seed 12, fault 48.)
         if me.uptodate and (p.diverged or not p.replicating
                             or not all(fa.uptodate for fa in folders)):
             why = (f"{p.name} acknowledged writes this node does not have" if p.diverged
@@ -592,6 +595,8 @@ class Controller:
         elif (state is State.PRIM and not self.replicating and p is not None
                 and p.state is State.SECOND and not p.busy):
             self._resync_or_replicate(folders)
+        elif self._second_stuck(state, p, folders):
+            self._start_transition("resync", self._resync_stuck_second())
         elif self.replicating and p is not None and p.state in (State.WAIT, State.SECOND):
             if any(fa.role != PRIMARY for fa in folders):
                 self._start_transition("agents to primary", self._connect_agents())
@@ -604,6 +609,34 @@ class Controller:
                 log.warning("%s is no longer heard as WAIT or SECOND: going on alone",
                             self.peer_node.name)
             self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
+
+    def _second_stuck(self, state: State, p: NodeStatus | None, folders) -> bool:
+        """A SECOND that counts its copy out of date although every change reaches it and
+        no agent knows of one it lacks: it drew that from a status heard in passing (a
+        promotion seen before it connected its agents; chaos seed 12, fault 48). Only a
+        resynchronisation lets it count up to date again: due after a grace period that
+        covers the usual delay of that news, and a retry interval."""
+        stuck = (state is State.PRIM and self.replicating and p is not None
+                 and p.state is State.SECOND and not p.busy and not p.uptodate
+                 and all(fa.link == "connected" for fa in folders))
+        now = trio.current_time()
+        if not stuck:
+            self._second_outdated_since = None
+            return False
+        if self._second_outdated_since is None:
+            self._second_outdated_since = now
+        grace = 2 * self.config.heartbeat.timeout + 1.0
+        if now - self._second_outdated_since < grace or now - self._resync_tried < RESYNC_RETRY:
+            return False
+        self._resync_tried = now
+        return True
+
+    async def _resync_stuck_second(self) -> None:
+        log.warning("%s counts its copy out of date while every change reaches it: "
+                    "resynchronising it from the journal", self.peer_node.name)
+        answer = await self._admin_resync(False)
+        if not answer["ok"]:
+            log.warning("cannot resynchronise %s: %s", self.peer_node.name, answer["error"])
 
     def _resync_or_replicate(self, folders) -> None:
         """PRIM whose SECOND is out of date: the agents resynchronise it (going on alone

@@ -562,6 +562,27 @@ def test_a_killed_controller_is_replaced_and_adopts_its_agent(cluster):
     assert not _lost(c, log)[1]
 
 
+def test_a_second_out_of_date_while_every_change_reaches_it_is_resynchronised(cluster):
+    """beta's controller comes back believing its copy out of date (as after a promotion
+    it saw before the new primary connected to it; chaos seed 12, fault 48), while its
+    agent, adopted, still receives every change: the PRIM resynchronises it from the
+    journal on its own, and beta is Ready again without the admin."""
+    from fusemirror.statefile import StateFile
+    c = cluster()
+    _pair(c)
+    time.sleep(4)             # its first resynchronisation is older than the news then
+    os.kill(c.daemons["beta"].pid, signal.SIGKILL)       # the controller only
+    c.daemons["beta"].wait(timeout=10)
+    store = StateFile(c.state_dir("beta"), f"module-{c.module}-beta")
+    store.update(uptodate=False, outdated_at=time.time())
+    c.start("beta")
+    me = c.wait_state("beta", "SECOND", readiness="Ready", timeout=40)
+    assert me["uptodate"]
+    with open(c.daemon_log("alpha")) as f:
+        assert "counts its copy out of date while every change reaches it" in f.read()
+    _verify(c, "alpha")
+
+
 def test_kill_9_of_the_primary_agent_restarts_the_application_on_the_new_mount(cluster):
     """Found by the chaos harness: without a checker, the application kept its files on
     the dead mount after the agent was started again, and answered nothing, for ever."""
