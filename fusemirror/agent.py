@@ -290,8 +290,7 @@ class Agent:
         wanted = set(dirty.nodes) | set(dirty.chunks)
         paths = ["."] if self.tree.ino_of(os.fstat(self.root_fd)) in wanted else []
         count = len(paths)
-        top = os.open(sysops.proc_path(self.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with sysops.reopened(self.root_fd, directory=True) as top:
             for rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
                 for name in dirs + files:
                     try:
@@ -302,8 +301,6 @@ class Agent:
                         count += 1
                         if len(paths) < limit:
                             paths.append(os.path.normpath(os.path.join(rel, name)))
-        finally:
-            os.close(top)
         return {"everything": False, "count": count, "paths": paths}
 
     async def ask_fullsync(self) -> None:

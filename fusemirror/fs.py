@@ -403,11 +403,8 @@ class MirrorFS(pyfuse3.Operations):
         d = self._dirs[fh]
         dfd = self.tree.fd(d.ino)
         if d.names is None or start_id == 0:
-            rfd = os.open(sysops.proc_path(dfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
+            with sysops.reopened(dfd, directory=True) as rfd:
                 d.names = sorted(os.fsencode(n) for n in os.listdir(rfd))
-            finally:
-                os.close(rfd)
         for i in range(start_id, len(d.names)):
             name = d.names[i]
             try:
@@ -585,11 +582,8 @@ class MirrorFS(pyfuse3.Operations):
             if off < st.st_size:
                 # the application's descriptor may be write-only (chaos finding: the
                 # repair failed with EBADF and the peer kept the whole write)
-                rfd = os.open(sysops.proc_path(f.fd), os.O_RDONLY | os.O_CLOEXEC)
-                try:
+                with sysops.reopened(f.fd) as rfd:
                     data = os.pread(rfd, length, off)
-                finally:
-                    os.close(rfd)
         except OSError as e:
             await self.mirror.diverged(f"cannot read back a failed write to repair the "
                                        f"peer's copy: {e.strerror}")
@@ -628,11 +622,10 @@ class MirrorFS(pyfuse3.Operations):
         self.tree.path(d.ino)                                    # nameable, or fail now
         p = await self._sync_on_peer(K.FSYNCDIR, dict(datasync=int(bool(datasync)),
                                                       path=self._at(d.ino)))
-        fd = os.open(sysops.proc_path(self.tree.fd(d.ino)), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            await self._flush_to_disk(fd, bool(datasync))
+            with sysops.reopened(self.tree.fd(d.ino), directory=True) as fd:
+                await self._flush_to_disk(fd, bool(datasync))
         finally:
-            os.close(fd)
             await self._finish(p)
 
     @_answer

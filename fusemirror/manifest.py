@@ -69,18 +69,17 @@ def build(root_fd: int) -> list[dict]:
     st = os.fstat(root_fd)
     root = _entry(b".", st, root_fd, b".")
     out.append(root)
-    dfd = os.open(sysops.proc_path(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for top, dirs, files, topfd in os.fwalk(b".", dir_fd=dfd, follow_symlinks=False):
-        for name in sorted(dirs) + sorted(files):
-            try:
-                st = os.stat(name, dir_fd=topfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            rel = name if top == b"." else top[2:] + b"/" + name
-            out.append(_entry(rel, st, topfd, name))
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                links.setdefault(st.st_ino, []).append(rel)
-    os.close(dfd)
+    with sysops.reopened(root_fd, directory=True) as dfd:
+        for top, dirs, files, topfd in os.fwalk(b".", dir_fd=dfd, follow_symlinks=False):
+            for name in sorted(dirs) + sorted(files):
+                try:
+                    st = os.stat(name, dir_fd=topfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                rel = name if top == b"." else top[2:] + b"/" + name
+                out.append(_entry(rel, st, topfd, name))
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                    links.setdefault(st.st_ino, []).append(rel)
     by_path = {e["path"]: e for e in out}
     for paths in links.values():
         group = sorted(p.hex() for p in paths)

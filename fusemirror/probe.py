@@ -46,8 +46,7 @@ _READ = 1 << 20
 def chunk_hashes(fd: int, block: int, only: list | None = None) -> list:
     """xxh3-64 of each block of the file behind fd (O_PATH is fine), read 1 MiB at a time.
     only: [first, last] block ranges; the other blocks' entries are None (not read)."""
-    rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    with sysops.reopened(fd) as rfd:
         if only is not None:
             return _some_hashes(rfd, block, only)
         out = []
@@ -61,8 +60,6 @@ def chunk_hashes(fd: int, block: int, only: list | None = None) -> list:
             out += [xxhash.xxh3_64_intdigest(view[i:i + block])
                     for i in range(0, len(view), block)]
             off += len(data)
-    finally:
-        os.close(rfd)
 
 
 SMALL = 1 << 20     # files up to this size have their hashes in their directory's entries
@@ -86,8 +83,7 @@ def _some_hashes(rfd: int, block: int, only: list) -> list:
 def _entries(fd: int, what: int, block: int) -> list:
     """[name hex, type, ino, nlink, target hex or rdev, mode, uid, gid, mtime, size,
     block hashes (files of at most SMALL bytes, with HASHES) or None, xattrs or None]"""
-    rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with sysops.reopened(fd, directory=True) as rfd:
         out = []
         for name in sorted(os.fsencode(n) for n in os.listdir(rfd)):
             try:
@@ -106,8 +102,6 @@ def _entries(fd: int, what: int, block: int) -> list:
             finally:
                 os.close(nfd)
         return out
-    finally:
-        os.close(rfd)
 
 
 def describe_fd(fd: int, what: int = 0, block: int = 1 << 15, only: list | None = None) -> dict:

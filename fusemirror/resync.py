@@ -102,8 +102,7 @@ def _runs(mine: list[int], theirs: list[int], block: int) -> list[tuple[int, int
 def _count(root_fd: int) -> tuple[int, int]:
     """Items and bytes of regular files under root_fd (for progress)."""
     items = size = 0
-    top = os.open(sysops.proc_path(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with sysops.reopened(root_fd, directory=True) as top:
         for _, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
             items += len(dirs) + len(files)
             for name in files:
@@ -113,8 +112,6 @@ def _count(root_fd: int) -> tuple[int, int]:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size
-    finally:
-        os.close(top)
     return items + 1, size
 
 
@@ -695,8 +692,7 @@ class Resync:
         runs = _runs(ours["hashes"], theirs.get("hashes") or [], self.block)
         if not runs:
             return
-        rfd = os.open(sysops.proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with sysops.reopened(fd) as rfd:
             for off, length in runs:
                 if length > probe.SMALL // 4:
                     data = await trio.to_thread.run_sync(os.pread, rfd, length, off)
@@ -705,8 +701,6 @@ class Resync:
                 await self._op(K.PUT, dict(offset=off, path=self._at(fd), data=data),
                                compress=True)
                 await self._pace(len(data))
-        finally:
-            os.close(rfd)
         theirs["mtime"] = None          # the writes moved it
 
     async def _fix_attrs(self, path, ours: dict, theirs: dict, force_mtime: bool = False) -> None:

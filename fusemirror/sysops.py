@@ -6,6 +6,7 @@ renameat2 with its flags, umount2. Each raises OSError like the os module does.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -116,13 +117,22 @@ def open_beneath(dirfd: int, path: bytes, flags: int) -> int:
     return fd
 
 
-def syncfs(fd: int) -> None:
-    """Make everything written to the filesystem holding fd (O_PATH is fine) durable."""
-    real = os.open(proc_path(fd), os.O_RDONLY | os.O_CLOEXEC)
+@contextlib.contextmanager
+def reopened(fd: int, directory: bool = False):
+    """A readable descriptor of whatever fd refers to (an O_PATH or a write-only one
+    included), opened again through /proc and closed at the end of the block."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
+    real = os.open(proc_path(fd), flags)
     try:
-        _check(_libc.syncfs(ctypes.c_int(real)), "syncfs")
+        yield real
     finally:
         os.close(real)
+
+
+def syncfs(fd: int) -> None:
+    """Make everything written to the filesystem holding fd (O_PATH is fine) durable."""
+    with reopened(fd) as real:
+        _check(_libc.syncfs(ctypes.c_int(real)), "syncfs")
 
 
 def proc_path(fd: int) -> str:
