@@ -548,6 +548,29 @@ def test_resync_under_a_busy_namespace(make_pair, seed):
     assert pair.primary.status()["resync"]["state"] == "done"
 
 
+def test_a_link_moved_between_directories_while_alone_stays_in_its_group(make_pair):
+    """A file with links in three directories; while the peer is away one link moves to
+    a fourth. The journal names the two directories and the file, not the directory of
+    the other links: the fast resynchronisation must still make the moved name a link of
+    the peer's group, not a copy of its own (chaos finding, seed 12, fault 115)."""
+    pair = make_pair(policy="alone", timeout=3.0).start()
+    for d in ("d0", "d1", "d2"):
+        os.mkdir(pair.primary.path(d))
+    with open(pair.primary.path("d0", "f0"), "wb") as f:
+        f.write(b"shared" * 1000)
+    os.link(pair.primary.path("d0", "f0"), pair.primary.path("d0", "f2"))
+    os.link(pair.primary.path("d0", "f0"), pair.primary.path("d1", "f3"))
+    pair.assert_identical()
+    cli("role", pair.primary.dir, "alone")
+    os.rename(pair.primary.path("d1", "f3"), pair.primary.path("d2", "f4"))
+    cli("role", pair.primary.dir, "primary")
+    wait_for(lambda: pair.primary.status()["mirror"]["link"] == "connected", timeout=30,
+             what="the resynchronisation")
+    pair.assert_identical()
+    assert os.stat(pair.replica.path("d2", "f4")).st_ino == os.stat(
+        pair.replica.path("d0", "f0")).st_ino
+
+
 def test_a_former_primary_with_changes_the_peer_lacks_is_resynchronised(make_pair):
     """Chaos finding (seed 11, fault 29): a primary whose write was given up (its peer
     stopped answering) became the replica of that peer, now primary; the new primary
