@@ -594,12 +594,21 @@ class Controller:
             return
         self._app_on_dead_mount = False
         p = view.peer if view.peer_alive else None
+        if state is State.PRIM and self.replicating and any(fa.peer_outdated for fa in folders):
+            # The SECOND could not apply a change (its disk is full, say): the agents'
+            # changes wait (policy block) until it is resynchronised or this node goes on
+            # without it; failing them made the application fail (chaos seed 12, fault 65).
+            log.warning("%s could not apply a change: its copy is out of date; going on "
+                        "without it until it is resynchronised", self.peer_node.name)
+            self.replicating = False
+            self._resync_tried = -RESYNC_RETRY       # the changes wait: at once
+            self.heartbeats.send_now()
         if state in (State.STOP, State.WAIT, State.SECOND):
             if any(fa.role != REPLICA for fa in folders):
                 self._start_transition(f"agents to {REPLICA}", self._agents_to(REPLICA))
         elif (state is State.PRIM and not self.replicating and p is not None
                 and p.state is State.SECOND and not p.busy):
-            self._resync_or_replicate(folders)
+            self._resync_or_replicate(folders, p)
         elif self._second_stuck(state, p, folders):
             self._start_transition("resync", self._resync_stuck_second())
         elif self.replicating and p is not None and p.state in (State.WAIT, State.SECOND):
@@ -643,13 +652,18 @@ class Controller:
         if not answer["ok"]:
             log.warning("cannot resynchronise %s: %s", self.peer_node.name, answer["error"])
 
-    def _resync_or_replicate(self, folders) -> None:
+    def _resync_or_replicate(self, folders, p: NodeStatus) -> None:
         """PRIM whose SECOND is out of date: the agents resynchronise it (going on alone
-        meanwhile); once every link is connected, replication is synchronous again."""
+        meanwhile); once every link is connected, replication is synchronous again.
+        Without a lease (no witness to refuse the SECOND's copy), nothing goes on alone
+        before the SECOND is heard counting its copy out of date: if this node died
+        meanwhile, the SECOND must not take over without those changes."""
         links = [fa.link for fa in folders]
         if all(fa.role == PRIMARY for fa in folders) and all(k == "connected" for k in links):
             log.info("%s is up to date: replicating to it", self.peer_node.name)
             self._start_transition("replicating", self._connect_agents())
+        elif self.lease is None and p.uptodate and any(fa.role == PRIMARY for fa in folders):
+            return      # it hears this node is not replicating to it: it will say so
         elif any(k not in ("resync", "connected") or fa.role != PRIMARY
                  for k, fa in zip(links, folders)):
             now = trio.current_time()

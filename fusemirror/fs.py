@@ -32,7 +32,7 @@ from pyfuse3 import FUSEError
 from . import protocol as P
 from . import sysops
 from .apply import apply_setattr
-from .mirror import TOUCHED, Mirror, PeerError
+from .mirror import TOUCHED, Mirror, PeerBehind, PeerError
 from .statefile import StateFile
 from .tree import O_PATH_FLAGS, NoName, NoSuchInode, Tree, make_node, owner_for
 
@@ -146,7 +146,8 @@ class _Items:
     changes are in the order they were applied here. Otherwise it only counts the
     change, so that a resync starts once the changes begun without locks are done."""
 
-    __slots__ = ("fs", "inos", "touch", "extent", "wide", "mark", "locks", "token", "current")
+    __slots__ = ("fs", "inos", "touch", "extent", "wide", "mark", "locks", "token", "current",
+                 "held")
 
     def __init__(self, fs, inos: tuple, touch: tuple = (), extent=None, wide: bool = False,
                  mark: bool = True):
@@ -156,6 +157,7 @@ class _Items:
         self.wide = wide            # it may move a whole subtree or add a link: the journal
         #                             then asks for a full resynchronisation
         self.locks = self.token = None
+        self.held = False
 
     async def __aenter__(self):
         fs = self.fs
@@ -164,6 +166,7 @@ class _Items:
         r = fs.resync
         if r is None:
             fs._unlocked += 1
+            self.held = True
             return
         locks = [r.lock(i) for i in sorted(set(self.inos))]
         taken = []
@@ -175,13 +178,20 @@ class _Items:
             for lock in taken:
                 lock.release()
             raise
-        self.locks = taken
+        self.locks, self.held = taken, True
         r.touched(self.inos + self.touch)
 
     async def __aexit__(self, *exc):
-        fs = self.fs
         TOUCHED.reset(self.token)
         _CHANGE.reset(self.current)
+        self.done_here()
+
+    def done_here(self) -> None:
+        """What it does here is done: a resynchronisation no longer waits for it."""
+        if not self.held:
+            return
+        self.held = False
+        fs = self.fs
         if self.locks is None:
             fs._unlocked -= 1
             if not fs._unlocked:
@@ -558,11 +568,20 @@ class MirrorFS(pyfuse3.Operations):
         if not replicate:
             return False
         try:
-            if await self._finish(p):
-                return True
+            try:
+                applied = await self._finish(p)
+            except PeerBehind as e:
+                # Done here and journaled: a resynchronisation, which waits for the
+                # changes in progress, may begin while this one waits for the outcome.
+                change = _CHANGE.get()
+                if change is not None:
+                    change.done_here()
+                applied = await p.mirror.settled_without(e.journaled, str(e))
         except PeerError:
             await self._journal_given_up()
             raise
+        if applied:
+            return True
         await self._journal_given_up()
         return False
 

@@ -60,6 +60,15 @@ class PeerError(Exception):
     """The operation could not be confirmed by the peer (maps to EIO)."""
 
 
+class PeerBehind(PeerError):
+    """Policy block: the peer, still connected, could not apply a change made here. The
+    caller, once its own part is done, may wait for the outcome (settled_without)."""
+
+    def __init__(self, why: str, journaled: int):
+        super().__init__(why)
+        self.journaled = journaled
+
+
 class PeerUnreachable(Exception):
     pass
 
@@ -103,7 +112,7 @@ class Mirror:
         self.peer = peer
         self.secret = secret
         self.state = state
-        self.policy = policy
+        self._policy = policy
         self.timeout = timeout
         self.label = label
         self.versions = versions
@@ -115,7 +124,9 @@ class Mirror:
         self._pending: dict[int, Pending] = {}
         self._send_lock = trio.Lock()
         self._window = _Window(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
-        self._changed = trio.Event()      # set on every change of self.link
+        self._changed = trio.Event()      # set on every change of self.link or self.policy
+        self._resyncs_begun = 0
+        self._resynced_upto = 0          # the resynchronisations begun when one ended
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
@@ -174,6 +185,15 @@ class Mirror:
                      self.session, fs.version)
 
     @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy          # (the controller's decision: what waits for it wakes)
+        self._wake()
+
+    @property
     def version(self) -> int:
         """The protocol version of the current connection (0: none)."""
         return self._fs.version if self._fs is not None else 0
@@ -181,8 +201,11 @@ class Mirror:
     def _set(self, link: Link) -> None:
         if link != self.link:
             self.link = link
-            self._changed.set()
-            self._changed = trio.Event()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     # --- background tasks ----------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -256,6 +279,7 @@ class Mirror:
         if not self.state.get("peer_outdated"):
             raise PeerError("the peer must be marked out of date before it is resynchronised")
         self.on_failed = on_failed
+        self._resyncs_begun += 1
         self._set(Link.RESYNC)
 
     def _resynced(self) -> None:
@@ -270,6 +294,7 @@ class Mirror:
             log.error("cannot record that the peer is up to date (%s): it stays out of date", e)
             return
         self.on_failed = None
+        self._resynced_upto = self._resyncs_begun
         self._set(Link.CONNECTED)
         log.info("peer %s:%s is up to date: replicating", *self.peer)
 
@@ -284,7 +309,7 @@ class Mirror:
         (a frozen or unreachable peer), and keeps an idle link tested with PING."""
         while True:
             await trio.sleep(min(PING_INTERVAL, self.timeout / 4))
-            if self.link not in (Link.CONNECTED, Link.RESYNC):
+            if self.link not in (Link.CONNECTED, Link.RESYNC, Link.OUTDATED) or self._fs is None:
                 continue
             now = time.monotonic()
             oldest = min((p.sent for p in self._pending.values() if not p.patient), default=None)
@@ -331,7 +356,8 @@ class Mirror:
         peer is released as if the peer had been lost under policy alone, after the
         peer was durably marked out of date."""
         self.policy = Policy.ALONE
-        if self.link == Link.RECONNECTING or (self.link == Link.CONNECTED and self._pending):
+        if self.link == Link.RECONNECTING or (self.link in (Link.CONNECTED, Link.OUTDATED)
+                                              and self._pending):
             await self._outdate(reason)
 
     async def _journal(self, pending) -> None:
@@ -345,9 +371,10 @@ class Mirror:
                 if ino >= 0:        # (a resync's own step names itself with a marker)
                     await self.journal.mark_node(ino)
 
-    async def _outdate(self, reason: str) -> None:
+    async def _outdate(self, reason: str, release: bool = True) -> None:
         """The peer's copy is no longer good: record it durably (and what it may lack),
-        then release waiters."""
+        then release waiters (unless `release` is False: on a live link, their
+        acknowledgements still come)."""
         try:
             await self._journal([p for p in self._pending.values()
                                  if not p.patient and p.kind not in _NOT_CHANGES])
@@ -372,7 +399,8 @@ class Mirror:
             self._set(Link.OUTDATED)
         if self.on_outdated is not None:
             self.on_outdated()          # may start a resynchronisation at once
-        self._release_all()
+        if release or self._fs is None:
+            self._release_all()
 
     def _release_all(self) -> None:
         for seq in sorted(self._pending):
@@ -427,6 +455,7 @@ class Mirror:
         """Call before applying a change locally. True: replicate it. False: the peer
         is out of date and the policy lets the change go on alone (journal it).
         Raises PeerError when the policy is block and no good peer is there."""
+        until = None
         while True:
             link = self.link
             if link in (Link.CONNECTED, Link.RESYNC):
@@ -438,6 +467,16 @@ class Mirror:
                 continue
             if self.policy == Policy.ALONE:
                 return False
+            if link == Link.OUTDATED and self._fs is not None:
+                # Policy block, the peer there but out of date (it could not apply a
+                # change): it is being resynchronised, or the controller is about to let
+                # changes go on without it. Wait for either, up to the timeout.
+                now = time.monotonic()
+                until = now + self.timeout if until is None else until
+                if now < until:
+                    with trio.move_on_after(until - now):
+                        await self._changed.wait()
+                    continue
             raise PeerError("peer out of date")
 
     async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False,
@@ -521,9 +560,10 @@ class Mirror:
         if p.errno:
             log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))
             await self._journal([p])
+            journaled = self._resyncs_begun
             await self.diverged(f"peer could not apply a change ({os.strerror(p.errno)})")
             if self.policy == Policy.BLOCK:
-                raise PeerError(os.strerror(p.errno))
+                raise PeerBehind(os.strerror(p.errno), journaled)
             return False
         if p.lost:
             if self.policy == Policy.BLOCK and not p.resync:
@@ -531,10 +571,27 @@ class Mirror:
             return False            # a peer being resynchronised is out of date anyway
         return True
 
+    async def settled_without(self, journaled: int, why: str) -> bool:
+        """After PeerBehind: a change made here that the peer, still connected, could not
+        apply (its disk is full, say) waits for a resynchronisation begun after it was
+        journaled to end (the peer has it then: True), or for the controller to let
+        changes go on without the peer (False: acknowledged alone); PeerError once the
+        timeout has passed or the link is closed. (Failing it at once made the
+        application fail while its controller was deciding; chaos seed 12, fault 65.)"""
+        with trio.move_on_after(self.timeout):
+            while self.link != Link.CLOSED:
+                if self._resynced_upto > journaled:
+                    return True
+                if self.policy == Policy.ALONE:
+                    return False
+                await self._changed.wait()
+        raise PeerError(why)
+
     async def diverged(self, reason: str) -> None:
-        """The peer's copy no longer equals ours."""
+        """The peer's copy no longer equals ours. Under policy block, what is in flight
+        on a live link still gets its answers (see settled_without)."""
         if self.link in (Link.CONNECTED, Link.RECONNECTING):
-            await self._outdate(reason)
+            await self._outdate(reason, release=self.policy == Policy.ALONE)
 
     async def call(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> None:
         await self.finish(await self.begin(kind, fields, compress=compress))

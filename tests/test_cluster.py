@@ -688,7 +688,9 @@ def test_losing_the_replication_network_only_lets_the_primary_go_on(cluster):
             break
         time.sleep(0.1)
     assert not alpha["replicating"], alpha          # alpha went on without beta
-    beta = c.state("beta")["me"]
+    deadline = time.monotonic() + 5                 # (beta records it in its transition)
+    while (beta := c.state("beta")["me"])["uptodate"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not beta["uptodate"] and beta["state"] in ("WAIT", "SECOND"), beta
     with open(c.daemon_log("beta")) as f:
         assert "no replication link from alpha although it is alive" in f.read()
@@ -869,6 +871,68 @@ def test_lease_mode_a_stale_second_never_replaces_a_primary_that_wrote_alone(clu
     with open(os.path.join(c.folder("alpha"), "local.log")) as f:
         on_alpha = {int(line) for line in f if line.strip()}
     assert acked and acked <= on_alpha, sorted(acked - on_alpha)
+    _verify(c, "alpha")
+
+
+@pytest.fixture
+def small_disk():
+    """tmpfs mounts made by a test: set up before the cluster (ask for it first), so that
+    they are unmounted only after the cluster is closed."""
+    mounted = []
+
+    def make(path: str, size: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "fm-test",
+                        path], check=True, capture_output=True, timeout=30)
+        mounted.append(path)
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("guard", ["lease", None])
+def test_a_full_disk_on_the_second_fails_no_write_and_is_resynchronised_once_freed(
+        small_disk, cluster, guard):
+    """Chaos seed 12, fault 65: beta's disk filled up under load; alpha's writes failed
+    with EIO (beta could not apply them) while alpha's controller had not decided to go on
+    without beta; the application's checker restarted it, start_prim failed on EIO, and
+    both nodes waited for the admin. Now the changes wait for that decision (the witness
+    first raises alpha's epoch in lease mode; without a lease, beta first says its copy
+    is out of date), no write fails, and once there is room again beta is
+    resynchronised and Ready."""
+    from chaos.faults import fill
+    c = cluster(witness=guard)
+    srv = os.path.dirname(c.folder("beta"))
+    small_disk(srv, "64m")
+    os.makedirs(c.folder("beta"))
+    if guard:
+        c.start_witness()
+    _pair(c)
+    deadline = time.monotonic() + 10              # the witness grants nothing at first
+    while guard and not c.state("alpha")["guard"]["ok"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    local, local_log = _local_writer(c, "alpha", 14)
+    writer, log = c.client(duration=14)
+    time.sleep(1.5)
+    filler = os.path.join(srv, "filler")
+    fill(filler)
+    deadline = time.monotonic() + 15
+    while (me := c.state("alpha")["me"])["replicating"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert me["state"] == "PRIM" and not me["replicating"], me
+    time.sleep(3)                                 # changes acknowledged without beta
+    assert not c.state("beta")["me"]["uptodate"]
+    os.unlink(filler)
+    assert local.wait(timeout=40) == 0 and writer.wait(timeout=40) == 0
+    with open(local_log) as f:
+        failed = [e for e in map(json.loads, f) if "error" in e]
+    assert not failed, failed[:5]
+    entries = C.read_log(log)
+    assert not _lost(c, log)[1] and not C.outages(entries, include_open=True)
+    me = c.wait_state("beta", "SECOND", readiness="Ready", timeout=60)
+    assert me["uptodate"], me
+    with open(c.daemon_log("alpha")) as f:
+        assert "beta could not apply a change" in f.read()
     _verify(c, "alpha")
 
 
