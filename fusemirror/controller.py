@@ -556,11 +556,19 @@ class Controller:
                                    **({} if ok else {"error": d.reason, "code": X.REFUSED})}
             self.command.done.set()
             self.command = None
+        leaving = (d.action is Action.GO_WAIT and view.me.state is State.SECOND
+                   and view.peer_alive and view.peer is not None and view.peer.state.is_primary)
         if d.action is Action.PROMOTE:
             await self._persist(epoch=d.epoch, last_primary=self.node.name, uptodate=True)
         elif d.action in (Action.FAILOVER_ON, Action.FAILOVER_OFF):
             await self._persist(failover=d.action is Action.FAILOVER_ON)
+        elif leaving:
+            # The primary goes on without this node once it hears that it left: recorded
+            # before anything says so.
+            await self._persist(uptodate=False)
         new = published(view, self.policy, d)
+        if leaving:
+            new = replace(new, uptodate=False)
         if (new.state, new.readiness, new.busy, new.vote, new.handing_over,
                 new.swap_requested) != (self.status.state, self.status.readiness,
                                         self.status.busy, self.status.vote,
@@ -705,8 +713,6 @@ class Controller:
                 await self._persist(stopped=False)
                 self.script_failure = None
                 await self._script("start_both")
-            elif view.me.state is State.SECOND and p is not None and p.state.is_primary:
-                await self._persist(uptodate=False)   # the primary goes on without us
             await self._agents_to(REPLICA)
         elif a is Action.BECOME_SECOND:
             self.script_failure = None
