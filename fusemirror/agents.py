@@ -66,6 +66,11 @@ class FolderAgent:
         return m["link"] if m else None
 
     @property
+    def policy(self) -> str | None:
+        """What happens to changes the peer cannot take: "block" or "alone"."""
+        return self.status.get("policy") if self.status else None
+
+    @property
     def stalled_for(self) -> float:
         """How long the oldest change sent to the peer has waited for its acknowledgement."""
         m = self.status and self.status.get("mirror")

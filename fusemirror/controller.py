@@ -124,6 +124,8 @@ class Controller:
                                   self.node.name, self.secret, timeout=w.request_timeout)
                       if w.mode == "lease" else None)
         self._deadline_sent: float | None = None
+        self._deadline_lock = trio.Lock()
+        self._claim_lock = trio.Lock()      # an epoch claimed at the witness, and its record
         # Lease mode: the epoch the witness granted this node for its current period of
         # acknowledging writes without its peer (see _fence_peer); None while replicating.
         self._alone_epoch: int | None = None
@@ -448,7 +450,8 @@ class Controller:
         backoff_until = 0.0
         while True:
             if self._wants_lease() and trio.current_time() >= backoff_until:
-                grant = await self.lease.acquire(self._claim())
+                async with self._claim_lock:
+                    grant = await self.lease.acquire(self._claim())
                 if grant is None and not self.lease.held():
                     # Unanswered and not holding it: maybe only the answers are lost (a
                     # one-way loss), and every request extends this node's lease at the
@@ -473,13 +476,18 @@ class Controller:
     async def _witness_epoch(self, epoch: int):
         """Has the witness grant `epoch` to this node: first the epoch this node stands for
         (refused if the witness granted a newer one: this copy is older than another's),
-        then the new one. The last answer (None if none); lease_epoch persisted if granted."""
-        grant = await self.lease.acquire(self._claim())
-        if grant is not None and grant.granted and epoch != self._claim():
-            grant = await self.lease.acquire(epoch)
-        if grant is not None and grant.granted:
-            await self._persist(lease_epoch=epoch)
-            self._alone_epoch = epoch
+        then the new one. The last answer (None if none); lease_epoch persisted if granted.
+        Renewals wait meanwhile: one that took the old epoch before and reached the
+        witness after the new one was refused, and the agents refused the application's
+        first changes after a promotion (start_prim failed on EIO, both nodes waited for
+        the admin; chaos seed 12, fifth run, fault 9)."""
+        async with self._claim_lock:
+            grant = await self.lease.acquire(self._claim())
+            if grant is not None and grant.granted and epoch != self._claim():
+                grant = await self.lease.acquire(epoch)
+            if grant is not None and grant.granted:
+                await self._persist(lease_epoch=epoch)
+                self._alone_epoch = epoch
         return grant
 
     async def _fence_peer(self) -> bool:
@@ -509,17 +517,20 @@ class Controller:
 
     async def _push_deadline(self) -> None:
         """The agents may acknowledge changes alone until the lease's end; without a
-        lease mode, or while every change waits for the SECOND, without limit."""
+        lease mode, or while every change waits for the SECOND, without limit. Pushes
+        are serialised, the value taken once the previous one is done (two concurrent
+        pushes could arrive in the other order)."""
         if self.lease is None:
             return
-        alone = self.status.state.is_primary and not self.replicating
-        deadline = self.lease.valid_until_monotonic if alone else None
-        if deadline is not None and deadline == float("-inf"):
-            deadline = 0.0
-        if deadline != self._deadline_sent:
-            errors = await self.agents.set_deadline(deadline)
-            if not errors:
-                self._deadline_sent = deadline
+        async with self._deadline_lock:
+            alone = self.status.state.is_primary and not self.replicating
+            deadline = self.lease.valid_until_monotonic if alone else None
+            if deadline is not None and deadline == float("-inf"):
+                deadline = 0.0
+            if deadline != self._deadline_sent:
+                errors = await self.agents.set_deadline(deadline)
+                if not errors:
+                    self._deadline_sent = deadline
 
     async def _persist(self, **values) -> None:
         if values.get("uptodate") is False and self.store.get("uptodate"):
@@ -626,6 +637,9 @@ class Controller:
                 log.warning("the replication link to %s is %s before it joined: going on "
                             "alone", p.name, [fa.link for fa in folders])
                 self._start_transition(f"agents to {ALONE}", self._agents_to(ALONE, lost=True))
+        elif (state is State.PRIM and p is not None and p.state is State.SECOND and p.busy
+                and any(fa.role == PRIMARY for fa in folders)):
+            pass        # its transition ends first: it may still count its copy up to date
         elif any(fa.role != ALONE for fa in folders):
             if self.replicating:
                 log.warning("%s is no longer heard as WAIT or SECOND: going on alone",
@@ -667,13 +681,16 @@ class Controller:
         before the SECOND is heard counting its copy out of date: if this node died
         meanwhile, the SECOND must not take over without those changes."""
         links = [fa.link for fa in folders]
-        if all(fa.role == PRIMARY for fa in folders) and all(k == "connected" for k in links):
+        if (all(fa.role == PRIMARY for fa in folders) and all(k == "connected" for k in links)
+                and not any(fa.peer_outdated for fa in folders)):
             log.info("%s is up to date: replicating to it", self.peer_node.name)
             self._start_transition("replicating", self._connect_agents())
         elif self.lease is None and p.uptodate and any(fa.role == PRIMARY for fa in folders):
             return      # it hears this node is not replicating to it: it will say so
         elif any(k not in ("resync", "connected") or fa.role != PRIMARY
-                 for k, fa in zip(links, folders)):
+                 or (k == "resync" and fa.policy != "alone") for k, fa in zip(links, folders)):
+            # (a resync the agents began by themselves, changes waiting under policy
+            # block: they go on alone, the peer fenced first)
             now = trio.current_time()
             if now - self._resync_tried < RESYNC_RETRY:
                 return
@@ -754,8 +771,9 @@ class Controller:
         return (p.epoch, p.last_primary) == (me.epoch, me.last_primary)
 
     async def _push_deadline_now(self, deadline: float) -> None:
-        await self.agents.set_deadline(max(deadline, 0.0))
-        self._deadline_sent = max(deadline, 0.0)
+        async with self._deadline_lock:
+            await self.agents.set_deadline(max(deadline, 0.0))
+            self._deadline_sent = max(deadline, 0.0)
 
     async def _finish_first_resync(self) -> None:
         """A promotion that resynchronises its peer first (a first pairing): let that end

@@ -627,7 +627,7 @@ class MirrorFS(pyfuse3.Operations):
         try:
             await self._flush_to_disk(f.fd, datasync)
         finally:
-            await self._finish(p)
+            await self._synced_on_peer(p)
 
     async def _flush_to_disk(self, fd: int, datasync: bool) -> None:
         """fsync here, in a worker thread: a large flush must not hold up the requests
@@ -645,7 +645,17 @@ class MirrorFS(pyfuse3.Operations):
             with sysops.reopened(self.tree.fd(d.ino), directory=True) as fd:
                 await self._flush_to_disk(fd, bool(datasync))
         finally:
+            await self._synced_on_peer(p)
+
+    async def _synced_on_peer(self, p) -> None:
+        """The peer's half of an fsync. One the peer failed (its handle went with a change
+        it could not apply, say) is done once a resynchronisation, which ends with a
+        syncfs there, has ended, or once the controller gave the peer up; under policy
+        block, PeerError (EIO) after the timeout."""
+        try:
             await self._finish(p)
+        except PeerBehind as e:
+            await p.mirror.settled_without(e.journaled, str(e))
 
     @_answer
     async def release(self, fh):

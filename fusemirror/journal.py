@@ -75,6 +75,13 @@ class Dirty:
         return Dirty(self.everything, {ino: set(c) for ino, c in self.chunks.items()},
                      set(self.nodes))
 
+    def add(self, other: Dirty) -> None:
+        """What `other` says changed, too."""
+        self.everything = self.everything or other.everything
+        for ino, chunks in other.chunks.items():
+            self.chunks.setdefault(ino, set()).update(chunks)
+        self.nodes.update(other.nodes)
+
 
 def read(path: str, chunk_size: int = DEFAULT_CHUNK) -> Dirty:
     """What a journal file records (a missing file records nothing)."""

@@ -126,6 +126,9 @@ class Mirror:
         self._window = _Window(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         self._changed = trio.Event()      # set on every change of self.link or self.policy
         self._resyncs_begun = 0
+        self._peer_outdated_from = 0      # the peer counts its copy out of date for every
+        #                                   operation after this one (the running resync's
+        #                                   RESYNC_BEGIN)
         self._resynced_upto = 0          # the resynchronisations begun when one ended
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
@@ -267,6 +270,8 @@ class Mirror:
                 self.on_failed(p)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
                 self._resynced()
+            elif p.kind == P.Kind.RESYNC_BEGIN and not errno:
+                self._peer_outdated_from = seq
         p.done.set()
         self._window.release(p.size)
 
@@ -280,6 +285,7 @@ class Mirror:
             raise PeerError("the peer must be marked out of date before it is resynchronised")
         self.on_failed = on_failed
         self._resyncs_begun += 1
+        self._peer_outdated_from = float("inf")
         self._set(Link.RESYNC)
 
     def _resynced(self) -> None:
@@ -556,6 +562,12 @@ class Mirror:
             # the resync but answered after its end is an ordinary failure: chaos
             # finding, the peer was marked up to date and the write never reached it.)
             log.debug("peer could not apply operation %d yet: %s", p.seq, os.strerror(p.errno))
+            if self.policy == Policy.BLOCK and p.seq < self._peer_outdated_from:
+                # Failed before the peer counted itself out of date (before the resync
+                # began there): not acknowledged before this resync or a later one ends,
+                # or the controller lets changes go on without the peer.
+                await self._journal([p])
+                raise PeerBehind(os.strerror(p.errno), self._resyncs_begun - 1)
             return True
         if p.errno:
             log.error("peer could not apply operation %d: %s", p.seq, os.strerror(p.errno))

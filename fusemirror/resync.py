@@ -208,6 +208,13 @@ class Resync:
         token = TOUCHED.set((_ENGINE,))
         try:
             await fs.start_resync(self)
+            if self.dirty is not None and fs.journal is not None:
+                # A change that started before and failed on the peer journaled itself
+                # after this resync's copy of the journal was taken.
+                self.dirty.add(fs.journal.dirty)
+                if self.dirty.everything:
+                    self.dirty = None
+                    self.progress["full"] = True
             await self._begin()
             items, size = await trio.to_thread.run_sync(_count, self.tree.root_fd)
             self.progress.update(items_total=items, bytes_total=size, state="copying")
