@@ -175,11 +175,6 @@ REPLAYS = [
     # on the restarted secondary (a failure answered after RESYNC_DONE: the peer was
     # marked up to date without the write)
     pytest.param(11, 3, id="seed11-disk-full-primary-then-secondary"),
-    # one-way loss out of the primary with the secondary's link down: the primary fenced
-    # itself, then promoted itself ALONE; a lease renewal that claimed the old epoch reached
-    # the witness after the promotion raised it, was refused, the agents' deadline went to
-    # 0, start_prim failed on EIO and both nodes waited for the admin's `prim`
-    pytest.param(12, 9, id="seed12-oneway-out+link-down"),
 ]
 
 
