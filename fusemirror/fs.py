@@ -555,8 +555,17 @@ class MirrorFS(pyfuse3.Operations):
             return local.written
 
     async def _finish(self, p) -> bool:
-        """Wait for the peer's outcome; True if it applied the change."""
-        return p is not None and await p.mirror.finish(p)
+        """Wait for the peer's outcome; True if it applied the change (or, when it could
+        not, a resynchronisation brought it there since). After PeerBehind, this
+        request's part here is done: a resynchronisation, which waits for the changes in
+        progress, may begin while it waits for the outcome (Mirror.settled_without)."""
+        try:
+            return p is not None and await p.mirror.finish(p)
+        except PeerBehind as e:
+            change = _CHANGE.get()
+            if change is not None:
+                change.done_here()
+            return await p.mirror.settled_without(e.journaled, str(e))
 
     async def _settle(self, replicate: bool, p) -> bool:
         """_finish for a change made here: one that was to be replicated but was not (the
@@ -568,15 +577,7 @@ class MirrorFS(pyfuse3.Operations):
         if not replicate:
             return False
         try:
-            try:
-                applied = await self._finish(p)
-            except PeerBehind as e:
-                # Done here and journaled: a resynchronisation, which waits for the
-                # changes in progress, may begin while this one waits for the outcome.
-                change = _CHANGE.get()
-                if change is not None:
-                    change.done_here()
-                applied = await p.mirror.settled_without(e.journaled, str(e))
+            applied = await self._finish(p)
         except PeerError:
             await self._journal_given_up()
             raise
@@ -627,7 +628,7 @@ class MirrorFS(pyfuse3.Operations):
         try:
             await self._flush_to_disk(f.fd, datasync)
         finally:
-            await self._synced_on_peer(p)
+            await self._finish(p)
 
     async def _flush_to_disk(self, fd: int, datasync: bool) -> None:
         """fsync here, in a worker thread: a large flush must not hold up the requests
@@ -645,17 +646,7 @@ class MirrorFS(pyfuse3.Operations):
             with sysops.reopened(self.tree.fd(d.ino), directory=True) as fd:
                 await self._flush_to_disk(fd, bool(datasync))
         finally:
-            await self._synced_on_peer(p)
-
-    async def _synced_on_peer(self, p) -> None:
-        """The peer's half of an fsync. One the peer failed (its handle went with a change
-        it could not apply, say) is done once a resynchronisation, which ends with a
-        syncfs there, has ended, or once the controller gave the peer up; under policy
-        block, PeerError (EIO) after the timeout."""
-        try:
             await self._finish(p)
-        except PeerBehind as e:
-            await p.mirror.settled_without(e.journaled, str(e))
 
     @_answer
     async def release(self, fh):
