@@ -100,7 +100,9 @@ class Unavailable(Exception):
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(str(error).split()) or type(error).__name__
+    name = getattr(error, "sqlite_errorname", None)     # which I/O error: SQLITE_IOERR_FSYNC...
+    return f"{text} ({name})" if name and name not in ("SQLITE_ERROR", "SQLITE_OK") else text
 
 
 class Records:

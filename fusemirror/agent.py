@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import signal
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -22,7 +23,7 @@ import trio
 from . import control, manifest, quarantine, sysops
 from . import errors as X
 from . import protocol as P
-from .fs import ALONE, PRIMARY, REPLICA, MirrorFS
+from .fs import ALONE, DEADLINE_WAIT, PRIMARY, REPLICA, MirrorFS
 from .mirror import Mirror, PeerError, PeerUnreachable, Policy
 from .replica import ReplicaServer
 from .journal import Journal
@@ -451,7 +452,9 @@ class Agent:
     # --- replica cache invalidation -------------------------------------------
     async def _invalidate(self, items) -> None:
         """Make the replica's kernel forget what an applied operation changed, before the
-        operation is acknowledged: a reader on the replica never sees stale data. Only
+        operation is acknowledged: a reader on the replica never sees stale data (the
+        primary's too, after a change applied but answered EIO: MirrorFS._forget_cached,
+        with FUSE inode numbers, which pass through here unchanged). Only
         inodes the kernel knows need it. Entry and data invalidations may wait for a
         request in flight on the same directory or pages, so they run in a worker
         thread while the loop goes on answering requests."""
@@ -488,8 +491,12 @@ class Agent:
             if cmd == "verify":
                 return {"ok": True, "differences": await self.verify()}
             if cmd == "deadline":
-                until = req.get("until")
-                self.fs.set_deadline(None if until is None else float(until))
+                until = None if req.get("until") is None else float(req["until"])
+                if until is not None and until <= time.monotonic() \
+                        and not self.fs.past_deadline():
+                    log.info("write deadline withdrawn by the controller: changes wait for "
+                             "a new one (up to %.0f s), then fail", DEADLINE_WAIT)
+                self.fs.set_deadline(until)
                 return {"ok": True}
             if cmd == "drain":
                 await self.drain()
@@ -555,6 +562,7 @@ class Agent:
         self._mounted = True
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.fs.on_stale = lambda items: nursery.start_soon(self._invalidate, items)
             if o.role == PRIMARY:
                 await self._adopt_primary(link)
             elif o.role == REPLICA:
@@ -572,6 +580,7 @@ class Agent:
                     with trio.move_on_after(o.timeout):
                         await self._stop_mirror()
                         await self._stop_replica()
+                self.fs.on_stale = None
                 nursery.cancel_scope.cancel()
 
     async def _signals(self) -> None:

@@ -462,6 +462,8 @@ class Controller:
                 self.wake()
             elif self.lease.held() and not self.status.busy:
                 await self.lease.release(self._claim())
+                log.info("lease released: %s %s does not need it", self.status.state,
+                         self.status.readiness)
             await self._push_deadline()
             await trio.sleep(every)
 

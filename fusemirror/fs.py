@@ -68,7 +68,7 @@ def _answer(fn):
             result = await fn(self, *args)
             if change and self.past_deadline():
                 # Applied, maybe, but not acknowledged: the lease may be another node's now.
-                raise PastDeadline()
+                raise PastDeadline("after the change")
             return result
         except FUSEError:
             raise
@@ -76,7 +76,12 @@ def _answer(fn):
             raise FUSEError(e.errno or E.EIO) from None
         except ReadOnly:
             raise FUSEError(E.EROFS) from None
-        except (PeerError, PastDeadline):
+        except PastDeadline as e:
+            self.refused(fn.__name__, e)
+            self._forget_cached(fn.__name__, args)
+            raise FUSEError(E.EIO) from None
+        except PeerError:
+            self._forget_cached(fn.__name__, args)
             raise FUSEError(E.EIO) from None
         except NoSuchInode:
             raise FUSEError(E.ESTALE) from None
@@ -246,6 +251,8 @@ class MirrorFS(pyfuse3.Operations):
         # when this node acts without its peer); None: no limit.
         self.write_deadline: float | None = None
         self._deadline_moved = trio.Event()
+        self._refusals, self._refusal_logged = 0, -1.0
+        self.on_stale = None        # (items) -> None: invalidates the kernel's caches (agent)
         self.resync = None          # the Resync running, if any (see _Items)
         self.journal = None         # what changed while the peer is out of date (journal.py)
         self.created: set[int] = set()    # inodes created since the peer fell behind
@@ -286,7 +293,17 @@ class MirrorFS(pyfuse3.Operations):
                 while self.past_deadline():
                     await self._deadline_moved.wait()
             if self.past_deadline():
-                raise PastDeadline()
+                raise PastDeadline(f"waited {DEADLINE_WAIT:.0f} s for a new one")
+
+    def refused(self, op: str, why: PastDeadline) -> None:
+        """Logs a change refused for the deadline: at most once a second, with a count."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            log.warning("%s refused with EIO (%d since the last message): the write deadline "
+                        "(the controller's lease) was %.2f s ago, %s", op, self._refusals,
+                        now - (self.write_deadline or now), why)
+            self._refusal_logged, self._refusals = now, 0
 
     def past_deadline(self) -> bool:
         return self.write_deadline is not None and time.monotonic() >= self.write_deadline
@@ -336,10 +353,11 @@ class MirrorFS(pyfuse3.Operations):
         if not await self._settle(replicate, p):
             self._alone_change()
 
-    async def _both(self, replicate: bool, kind: K, fields: dict, local, undo=()):
+    async def _both(self, replicate: bool, kind: K, fields: dict, local, undo=(), discard=None):
         """Apply a change on the peer and here at the same time: send it, run local()
         (blocking, short), then wait for the peer. If it failed here but worked there,
-        the peer is put back with the undo operations, or marked out of date."""
+        the peer is put back with the undo operations, or marked out of date. If it is
+        not acknowledged after all, discard(local's result) (a descriptor to close)."""
         p = await self.mirror.begin(kind, fields) if replicate else None
         try:
             result = local()
@@ -351,8 +369,13 @@ class MirrorFS(pyfuse3.Operations):
                     await self._undo(p.mirror, undo, f"{kind.name} failed here ({e.strerror}) "
                                                      f"but not on the peer")
             raise
-        if not await self._settle(replicate, p):
-            self._alone_change()
+        try:
+            if not await self._settle(replicate, p):
+                self._alone_change()
+        except BaseException:
+            if discard is not None:
+                discard(result)
+            raise
         return result
 
     async def _undo(self, mirror: Mirror, undo, reason: str) -> None:
@@ -363,6 +386,32 @@ class MirrorFS(pyfuse3.Operations):
                 await mirror.call(kind, fields)
         except PeerError:
             await mirror.diverged(reason)
+
+    def _forget_cached(self, op: str, args: tuple) -> None:
+        """A change answered EIO may have been applied here all the same (the peer or the
+        deadline refused it after): the kernel, told it failed, would go on showing what
+        was there before for up to cache_timeout: a deleted file still found by its name
+        (sqlite then took a journal deleted by a commit for a hot one: start_prim failed
+        with "disk I/O error" after a fence; chaos seed 12). What the change may have
+        touched is invalidated once this answer is out (the kernel holds the directory
+        until then): FUSE inodes, as the replica's items ("entry", parent, name),
+        ("attr", ino), ("data", ino)."""
+        if self.on_stale is None:
+            return
+        if op in ("unlink", "rmdir", "create", "mkdir", "mknod", "symlink"):
+            items = [("entry", args[0], args[1]), ("attr", args[0])]
+        elif op == "rename":
+            items = [("entry", args[0], args[1]), ("entry", args[2], args[3]),
+                     ("attr", args[0]), ("attr", args[2])]
+        elif op == "link":
+            items = [("entry", args[1], args[2]), ("attr", args[1]), ("attr", args[0])]
+        elif op in ("setattr", "setxattr", "removexattr"):
+            items = [("data" if op == "setattr" else "attr", args[0])]
+        elif op == "write" and args[0] in self._files:
+            items = [("data", self._files[args[0]].ino)]
+        else:
+            return
+        self.on_stale(items)
 
     def _alone_change(self) -> None:
         """A change the peer does not get (journaled in _may_change or by the mirror): its
@@ -502,7 +551,7 @@ class MirrorFS(pyfuse3.Operations):
             fd = await self._both(replicate, K.CREATE, dict(
                 handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
                 parent=self._at(parent), name=name), local,
-                undo=self._undo_new(K.UNLINK, dfd, parent, name, fh))
+                undo=self._undo_new(K.UNLINK, dfd, parent, name, fh), discard=os.close)
             try:
                 st = os.fstat(fd)
                 ino = self.tree.adopt(os.open(name, O_PATH_FLAGS, dir_fd=dfd), st, parent, name)
@@ -805,10 +854,10 @@ class MirrorFS(pyfuse3.Operations):
 
             def local():
                 (os.rmdir if kind == K.RMDIR else os.unlink)(name, dir_fd=dfd)
+                self.tree.moved(self.tree.ino_of(st), (parent, name), None)
                 sysops.set_times(dfd, None, now)
             await self._both(replicate, kind, dict(pmtime=now, parent=self._at(parent), name=name),
                              local)
-            self.tree.moved(self.tree.ino_of(st), (parent, name), None)
 
     @_answer
     async def unlink(self, parent, name, ctx):
@@ -835,13 +884,13 @@ class MirrorFS(pyfuse3.Operations):
             replicate = await self._may_change()
             now = time.time_ns()
 
-            def local():
+            def local():        # the names kept here follow as soon as it is done
                 sysops.rename(src, name_old, dst, name_new, flags)
+                self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
+                if other is not None:
+                    self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))
                 sysops.set_times(src, None, now)
                 sysops.set_times(dst, None, now)
             await self._both(replicate, K.RENAME, dict(
                 flags=flags, pmtime_old=now, pmtime_new=now, parent_old=self._at(parent_old),
                 name_old=name_old, parent_new=self._at(parent_new), name_new=name_new), local)
-        self.tree.moved(moved, (parent_old, name_old), (parent_new, name_new))
-        if other is not None:
-            self.tree.moved(other, (parent_new, name_new), (parent_old, name_old))
