@@ -9,7 +9,9 @@ import errno
 import multiprocessing
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -18,6 +20,7 @@ import pyfuse3
 import pytest
 
 from conftest import cli, free_port, is_mounted, wait_for
+from demo.app import DB_NAME, open_records
 from fusemirror import journal
 from fusemirror.statefile import escape
 from netproxy import Proxy
@@ -192,6 +195,62 @@ def test_changes_applied_here_but_answered_eio_leave_no_stale_kernel_cache(make_
     wait_for(lambda: all(seen(pair.primary.dir, d, n) == seen(backing, d, n) for d, n in names),
              timeout=2, what="the mount to show what its folder holds")
     assert seen(backing, "d1", "f") is None and seen(backing, "d2", "g2") == 100
+
+
+def hot_journal(folder: str, rows: int = 200) -> tuple[str, str]:
+    """A database after a committed UPDATE, and the journal of the same UPDATE by a
+    process killed before its commit (what a commit leaves until its last step, the
+    journal's deletion): rolling it back would undo the committed rows."""
+    committed, crashed = os.path.join(folder, "committed.db"), os.path.join(folder, "crash.db")
+    con = sqlite3.connect(crashed, isolation_level=None)
+    con.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, body BLOB, created REAL)")
+    con.executemany("INSERT INTO records (body, created) VALUES (?, 0)",
+                    [(b"a" * 1000,)] * rows)
+    con.close()
+    shutil.copy(crashed, committed)
+    update = "UPDATE records SET body = ?"
+    con = sqlite3.connect(committed, isolation_level=None)
+    con.execute(update, (b"b" * 1000,))
+    con.close()
+    pid = os.fork()
+    if pid == 0:                    # the pages spill to the file: the journal is hot
+        try:
+            con = sqlite3.connect(crashed, isolation_level=None)
+            con.execute("PRAGMA cache_size=1")
+            con.execute("BEGIN")
+            con.execute(update, (b"b" * 1000,))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.getsize(crashed + "-journal") > 0
+    return committed, crashed + "-journal"
+
+
+def test_a_commit_answered_eio_leaves_no_hot_journal_for_the_next_start(make_pair, tmp_path):
+    """sqlite commits by deleting its journal. That unlink, done here but answered EIO
+    (the peer frozen), left the name in the kernel's cache: the application's next start
+    took the deleted journal for a hot one, rolled the commit back and failed to delete
+    the journal again: "disk I/O error (SQLITE_IOERR_DELETE_NOENT)" (start_prim after a
+    fence, chaos seed 12)."""
+    committed, journal = hot_journal(str(tmp_path))
+    pair = make_pair(policy="block", timeout=2.0).start()
+    db = pair.primary.path(DB_NAME)
+    shutil.copy(committed, db)
+    shutil.copy(journal, db + "-journal")
+    os.stat(db + "-journal")
+    pair.replica.kill(signal.SIGSTOP)
+    try:
+        expect_errno(errno.EIO, os.unlink, db + "-journal")
+    finally:
+        pair.replica.kill(signal.SIGCONT)
+    cli("role", pair.primary.dir, "alone")
+    open_records(pair.primary.dir).close()          # raised StartupError
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert con.execute("SELECT count(*), min(body) FROM records").fetchone() == \
+            (200, b"b" * 1000)
+    finally:
+        con.close()
 
 
 def test_writes_waiting_for_room_when_the_peer_is_given_up_are_resynchronised(make_pair):
