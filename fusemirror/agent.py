@@ -450,7 +450,7 @@ class Agent:
             log.info("role %s -> %s", old, role)
 
     # --- replica cache invalidation -------------------------------------------
-    async def _invalidate(self, items) -> None:
+    async def _invalidate(self, items, limiter: trio.CapacityLimiter | None = None) -> None:
         """Make the replica's kernel forget what an applied operation changed, before the
         operation is acknowledged: a reader on the replica never sees stale data (the
         primary's too, after a change applied but answered EIO: MirrorFS._forget_cached,
@@ -469,8 +469,9 @@ class Agent:
                 slow.append((pyfuse3.invalidate_entry, ino, item[2]))
             else:
                 slow.append((pyfuse3.invalidate_inode, ino, False))
-        if slow:
-            await trio.to_thread.run_sync(_run_all, slow)
+        if slow:      # abandoned at shutdown: it may wait for a request never answered
+            await trio.to_thread.run_sync(_run_all, slow, limiter=limiter,
+                                          abandon_on_cancel=True)
 
     # --- control requests ------------------------------------------------------
     def _manifest_bytes(self) -> bytes:
@@ -562,7 +563,9 @@ class Agent:
         self._mounted = True
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.fs.on_stale = lambda items: nursery.start_soon(self._invalidate, items)
+            # A few threads at most: those of fsync and large writes must stay available.
+            stale = trio.CapacityLimiter(2)
+            self.fs.on_stale = lambda items: nursery.start_soon(self._invalidate, items, stale)
             if o.role == PRIMARY:
                 await self._adopt_primary(link)
             elif o.role == REPLICA:

@@ -54,7 +54,12 @@ DEADLINE_WAIT = 5.0     # a change waits this long for a new write deadline, the
 
 
 class PastDeadline(Exception):
-    """The controller's permission to acknowledge changes alone has run out."""
+    """The controller's permission to acknowledge changes alone has run out (`applied`:
+    after the change was done here)."""
+
+    def __init__(self, why: str, applied: bool = False):
+        super().__init__(why)
+        self.applied = applied
 
 
 def _answer(fn):
@@ -68,7 +73,8 @@ def _answer(fn):
             result = await fn(self, *args)
             if change and self.past_deadline():
                 # Applied, maybe, but not acknowledged: the lease may be another node's now.
-                raise PastDeadline("after the change")
+                await self._take_back(fn.__name__, result)
+                raise PastDeadline("after the change", applied=True)
             return result
         except FUSEError:
             raise
@@ -78,7 +84,8 @@ def _answer(fn):
             raise FUSEError(E.EROFS) from None
         except PastDeadline as e:
             self.refused(fn.__name__, e)
-            self._forget_cached(fn.__name__, args)
+            if e.applied:
+                self._forget_cached(fn.__name__, args)
             raise FUSEError(E.EIO) from None
         except PeerError:
             self._forget_cached(fn.__name__, args)
@@ -406,12 +413,27 @@ class MirrorFS(pyfuse3.Operations):
         elif op == "link":
             items = [("entry", args[1], args[2]), ("attr", args[1]), ("attr", args[0])]
         elif op in ("setattr", "setxattr", "removexattr"):
-            items = [("data" if op == "setattr" else "attr", args[0])]
+            items = [("data" if op == "setattr" and args[2].update_size else "attr", args[0])]
         elif op == "write" and args[0] in self._files:
             items = [("data", self._files[args[0]].ino)]
+        elif op == "open" and args[1] & os.O_TRUNC:
+            items = [("data", args[0])]
         else:
             return
         self.on_stale(items)
+
+    async def _take_back(self, op: str, result) -> None:
+        """A change done here whose answer becomes EIO after all: the kernel never gets
+        what it returned, so the lookup reference it would have taken and a created
+        file's handle are given back here."""
+        if op == "create":
+            info, attr = result
+            await self._close(info.fh)
+        elif op in ("mkdir", "mknod", "symlink", "link"):
+            attr = result
+        else:
+            return
+        self.tree.forget(attr.st_ino, 1)
 
     def _alone_change(self) -> None:
         """A change the peer does not get (journaled in _may_change or by the mirror): its
@@ -699,6 +721,9 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def release(self, fh):
+        await self._close(fh)
+
+    async def _close(self, fh) -> None:
         f = self._files.pop(fh, None)
         if f is None:
             return

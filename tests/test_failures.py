@@ -21,6 +21,7 @@ import pytest
 
 from conftest import cli, free_port, is_mounted, wait_for
 from demo.app import DB_NAME, open_records
+from fusemirror import control
 from fusemirror import journal
 from fusemirror.statefile import escape
 from netproxy import Proxy
@@ -195,6 +196,36 @@ def test_changes_applied_here_but_answered_eio_leave_no_stale_kernel_cache(make_
     wait_for(lambda: all(seen(pair.primary.dir, d, n) == seen(backing, d, n) for d, n in names),
              timeout=2, what="the mount to show what its folder holds")
     assert seen(backing, "d1", "f") is None and seen(backing, "d2", "g2") == 100
+
+
+def test_a_create_whose_deadline_passed_while_it_ran_keeps_no_handle_or_reference(make_pair):
+    """The controller's write deadline passing while a create or mkdir waits for the
+    peer: done here, answered EIO. The kernel never gets the handle or the entry, so
+    the agent must not keep them (they were never released: a descriptor and an inode
+    reference leaked for good; found in review)."""
+    pair = make_pair(policy="alone", timeout=1.0).start()
+    for d in ("a", "b"):                   # one each: changes in one directory queue
+        os.mkdir(pair.primary.path(d))
+    before = pair.primary.status()
+    errors = {}
+
+    def attempt(what, fn, *args):
+        try:
+            os.close(fn(*args)) if what == "create" else fn(*args)
+        except OSError as e:
+            errors[what] = e.errno
+    calls = [("create", os.open, pair.primary.path("a", "new"), os.O_CREAT | os.O_WRONLY, 0o644),
+             ("mkdir", os.mkdir, pair.primary.path("b", "dir"))]
+    control.request(pair.primary.dir, {"cmd": "deadline", "until": time.monotonic() + 0.3}, 10)
+    try:        # the peer frozen: each waits 1 s for it, goes on alone, then meets the deadline
+        while_frozen(pair.replica, [threading.Thread(target=attempt, args=c) for c in calls])
+        after = pair.primary.status()
+    finally:
+        control.request(pair.primary.dir, {"cmd": "deadline", "until": None}, 10)
+    assert errors == {"create": errno.EIO, "mkdir": errno.EIO}, errors
+    assert (after["open_files"], after["inodes"]) == (before["open_files"], before["inodes"])
+    assert os.path.isfile(pair.primary.path("a", "new"))
+    assert os.path.isdir(pair.primary.path("b", "dir"))
 
 
 def hot_journal(folder: str, rows: int = 200) -> tuple[str, str]:
