@@ -48,6 +48,19 @@ def while_frozen(node, threads, join=30):
         node.kill(signal.SIGCONT)
 
 
+def attempts(calls, errors: dict) -> list[threading.Thread]:
+    """A thread for each (what, fn, *args): it records in errors[what] the errno fn
+    failed with (the descriptor of a "create" is closed)."""
+    def attempt(what, fn, *args):
+        try:
+            result = fn(*args)
+            if what == "create":
+                os.close(result)
+        except OSError as e:
+            errors[what] = e.errno
+    return [threading.Thread(target=attempt, args=c) for c in calls]
+
+
 def expect_errno(code, fn, *args):
     try:
         fn(*args)
@@ -173,17 +186,11 @@ def test_changes_applied_here_but_answered_eio_leave_no_stale_kernel_cache(make_
     for d, name in names:                          # the kernel caches what it saw
         os.path.lexists(pair.primary.path(d, name))
     errors = {}
-
-    def attempt(what, fn, *args):
-        try:
-            os.close(fn(*args)) if what == "create" else fn(*args)
-        except OSError as e:
-            errors[what] = e.errno
     calls = [("unlink", os.unlink, pair.primary.path("d1", "f")),
              ("rename", os.rename, pair.primary.path("d2", "g"), pair.primary.path("d2", "g2")),
              ("create", os.open, pair.primary.path("d3", "new"), os.O_CREAT | os.O_WRONLY, 0o644),
              ("truncate", os.truncate, pair.primary.path("d4", "h"), 5)]
-    while_frozen(pair.replica, [threading.Thread(target=attempt, args=c) for c in calls])
+    while_frozen(pair.replica, attempts(calls, errors))
     assert errors == {"unlink": errno.EIO, "rename": errno.EIO, "create": errno.EIO,
                       "truncate": errno.EIO}, errors
     backing = f"/proc/self/fd/{pair.primary.backing_fd}"
@@ -208,17 +215,11 @@ def test_a_create_whose_deadline_passed_while_it_ran_keeps_no_handle_or_referenc
         os.mkdir(pair.primary.path(d))
     before = pair.primary.status()
     errors = {}
-
-    def attempt(what, fn, *args):
-        try:
-            os.close(fn(*args)) if what == "create" else fn(*args)
-        except OSError as e:
-            errors[what] = e.errno
     calls = [("create", os.open, pair.primary.path("a", "new"), os.O_CREAT | os.O_WRONLY, 0o644),
              ("mkdir", os.mkdir, pair.primary.path("b", "dir"))]
     control.request(pair.primary.dir, {"cmd": "deadline", "until": time.monotonic() + 0.3}, 10)
     try:        # the peer frozen: each waits 1 s for it, goes on alone, then meets the deadline
-        while_frozen(pair.replica, [threading.Thread(target=attempt, args=c) for c in calls])
+        while_frozen(pair.replica, attempts(calls, errors))
         after = pair.primary.status()
     finally:
         control.request(pair.primary.dir, {"cmd": "deadline", "until": None}, 10)
