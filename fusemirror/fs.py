@@ -489,14 +489,13 @@ class MirrorFS(pyfuse3.Operations):
         for i in range(start_id, len(d.names)):
             name = d.names[i]
             try:
-                fd = os.open(name, O_PATH_FLAGS, dir_fd=dfd)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                ino, st = self.tree.listed(d.ino, name, st)
             except FileNotFoundError:
                 continue
-            st = os.fstat(fd)
-            if not pyfuse3.readdir_reply(token, name, self._attr(self.tree.ino_of(st), st), i + 1):
-                os.close(fd)
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino, st), i + 1):
+                self.tree.forget(ino, 1)        # not given to the kernel after all
                 break
-            self.tree.adopt(fd, st, d.ino, name)
 
     @_answer
     async def releasedir(self, fh):

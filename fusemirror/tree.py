@@ -79,13 +79,15 @@ def _error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def file_handle(fd: int) -> tuple[bytes, int]:
-    """The file handle of what fd refers to (any descriptor, O_PATH included), as the
-    bytes of a struct file_handle, and the id of the mount it was reached through."""
+def file_handle(fd: int, name: bytes = b"") -> tuple[bytes, int]:
+    """The file handle of what fd refers to (any descriptor, O_PATH included), or of
+    name in the directory fd (not following a symlink), as the bytes of a struct
+    file_handle, and the id of the mount it was reached through."""
     buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
     struct.pack_into("I", buf, 0, MAX_HANDLE_SZ)
     mount_id = ctypes.c_int()
-    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), sysops.AT_EMPTY_PATH):
+    if _libc.name_to_handle_at(fd, name, buf, ctypes.byref(mount_id),
+                               0 if name else sysops.AT_EMPTY_PATH):
         raise _error("name_to_handle_at")
     return buf.raw[:8 + struct.unpack_from("I", buf)[0]], mount_id.value
 
@@ -113,7 +115,7 @@ class NoName(FileNotFoundError):
 class _Node:
     __slots__ = ("fd", "handle", "pinned", "nlookup", "aliases", "is_dir")
 
-    def __init__(self, fd: int, is_dir: bool):
+    def __init__(self, fd: int | None, is_dir: bool):
         self.fd: int | None = fd               # None: retired, reopened by handle when used
         self.handle: bytes | None = None       # taken when the descriptor is retired
         self.pinned = False                    # no usable handle: never retired
@@ -235,12 +237,13 @@ class Tree:
             self._bury(node.fd)
             node.fd = None
 
-    def _handle(self, fd: int) -> bytes | None:
-        """The handle that reopens what fd refers to, or None if there is none."""
+    def _handle(self, fd: int, name: bytes = b"") -> bytes | None:
+        """The handle that reopens what fd (or name in the directory fd) refers to, or
+        None if there is none."""
         if self._mount_id is None:
             return None
         try:
-            handle, mount_id = file_handle(fd)
+            handle, mount_id = file_handle(fd, name)
         except OSError as e:
             self._log_pinned(e.strerror)
             return None
@@ -273,6 +276,36 @@ class Tree:
             os.close(fd)
             raise
         return self.adopt(fd, st, parent, name), st
+
+    def listed(self, parent: int, name: bytes, st: os.stat_result) -> tuple[int, os.stat_result]:
+        """lookup() for an entry that a directory listing reports, with st taken by name
+        (not following a symlink): no descriptor is opened. An inode without one is
+        held by its file handle (taken again: the number may name a new file by now)
+        until a request uses it. Listing a large tree opened a descriptor per entry,
+        and retired another beyond max_fds."""
+        ino = self.ino_of(st)
+        node = self._nodes.get(ino)
+        if node is not None and node.fd is not None:
+            if not node.pinned:
+                self._lru.move_to_end(ino)
+        else:
+            dfd = self.fd(parent)
+            handle = self._handle(dfd, name)
+            if handle is None:          # a mount inside the folder, or no handles at all
+                fd = os.open(name, O_PATH_FLAGS, dir_fd=dfd)
+                try:
+                    st = os.fstat(fd)
+                except OSError:
+                    os.close(fd)
+                    raise
+                return self.adopt(fd, st, parent, name), st
+            if node is None:
+                node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
+            node.handle, node.is_dir = handle, stat.S_ISDIR(st.st_mode)
+        node.nlookup += 1
+        if not node.is_dir:
+            node.aliases.add((parent, name))
+        return ino, st
 
     def adopt(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
         """Take one lookup reference on the inode behind fd (an O_PATH descriptor
