@@ -292,13 +292,7 @@ class Tree:
             dfd = self.fd(parent)
             handle = self._handle(dfd, name)
             if handle is None:          # a mount inside the folder, or no handles at all
-                fd = os.open(name, O_PATH_FLAGS, dir_fd=dfd)
-                try:
-                    st = os.fstat(fd)
-                except OSError:
-                    os.close(fd)
-                    raise
-                return self.adopt(fd, st, parent, name), st
+                return self.lookup(parent, name)
             if node is None:
                 node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
             node.handle, node.is_dir = handle, stat.S_ISDIR(st.st_mode)
