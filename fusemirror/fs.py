@@ -32,7 +32,7 @@ from pyfuse3 import FUSEError
 from . import protocol as P
 from . import sysops
 from .apply import apply_setattr
-from .mirror import TOUCHED, Mirror, PeerBehind, PeerError
+from .mirror import TOUCHED, Mirror, PeerBehind, PeerError, Policy
 from .statefile import StateFile
 from .tree import O_PATH_FLAGS, NoName, NoSuchInode, Tree, make_node, owner_for
 
@@ -327,8 +327,19 @@ class MirrorFS(pyfuse3.Operations):
         any role switch in progress (an fsync is no change: it is never refused)."""
         await self._through_gate()
         if self.role == PRIMARY and await self.mirror.ready():
-            return await self.mirror.begin(kind, fields)
+            return await self._begin(self.mirror, kind, fields)
         return None
+
+    @staticmethod
+    async def _begin(m: Mirror, kind: K, fields: dict, **kw):
+        """m.begin for a change (or fsync) not done here yet. Under block, one that the
+        peer was given up for while it waited to be sent fails now (it used to go on
+        alone: after a fence, a node counted itself diverged and waited for the admin,
+        split brain; chaos seed 12, fault 54 of the eighth run)."""
+        p = await m.begin(kind, fields, **kw)
+        if p is None and m.policy != Policy.ALONE:
+            raise PeerError(f"the peer was given up before this {kind.name} was sent")
+        return p
 
     def writable_files(self):
         return [(fh, f) for fh, f in self._files.items() if f.writable]
@@ -365,7 +376,7 @@ class MirrorFS(pyfuse3.Operations):
         (blocking, short), then wait for the peer. If it failed here but worked there,
         the peer is put back with the undo operations, or marked out of date. If it is
         not acknowledged after all, discard(local's result) (a descriptor to close)."""
-        p = await self.mirror.begin(kind, fields) if replicate else None
+        p = await self._begin(self.mirror, kind, fields) if replicate else None
         try:
             result = local()
         except OSError as e:
@@ -646,6 +657,8 @@ class MirrorFS(pyfuse3.Operations):
         and the copies differed)."""
         if not replicate:
             return False
+        if p is None:
+            return await self._unsent()
         try:
             applied = await self._finish(p)
         except PeerError:
@@ -655,6 +668,21 @@ class MirrorFS(pyfuse3.Operations):
             return True
         await self._journal_given_up()
         return False
+
+    async def _unsent(self) -> bool:
+        """A change made here for the peer but not sent: the peer was given up while it
+        waited (for room in the window, say). Journaled, then as Mirror.unsent says:
+        under block it went on alone (see _begin)."""
+        await self._journal_given_up()
+        why = "the peer was given up before this change was sent"
+        if self.mirror is None:
+            if self.role == ALONE:
+                return False
+            raise PeerError(why)
+        change = _CHANGE.get()
+        if change is not None:
+            change.done_here()
+        return await self.mirror.unsent(why)
 
     async def _journal_given_up(self) -> None:
         change = _CHANGE.get()

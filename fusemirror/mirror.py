@@ -599,6 +599,15 @@ class Mirror:
                 await self._changed.wait()
         raise PeerError(why)
 
+    async def unsent(self, why: str) -> bool:
+        """A change made here for the peer that begin() no longer took (the peer was
+        given up while it waited to be sent), journaled by the caller: False when the
+        policy lets changes go on alone; under block as settled_without, for a
+        resynchronisation begun from now on (PeerError at once on a closed link)."""
+        if self.policy == Policy.ALONE:
+            return False
+        return await self.settled_without(self._resyncs_begun, why)
+
     async def diverged(self, reason: str) -> None:
         """The peer's copy no longer equals ours. Under policy block, what is in flight
         on a live link still gets its answers (see settled_without)."""

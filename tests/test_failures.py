@@ -229,6 +229,44 @@ def test_a_create_whose_deadline_passed_while_it_ran_keeps_no_handle_or_referenc
     assert os.path.isdir(pair.primary.path("b", "dir"))
 
 
+def test_changes_waiting_to_be_sent_when_the_node_is_fenced_fail(make_pair):
+    """The peer silent (frozen), the window of changes in flight or the socket full,
+    more changes wait to be sent; then the controller fences this node. Those that
+    waited were acknowledged alone, and the node counted itself diverged: split brain,
+    both nodes waited for the admin (chaos seed 12, fault 54 of the eighth run). They
+    must fail like those in flight, and leave no change counted as acknowledged alone."""
+    pair = make_pair(policy="block", timeout=60.0).start()
+    count, size = 72, 1 << 20           # more than the 64 MiB the window holds
+    fds = [os.open(pair.primary.path(f"f{i}"), os.O_WRONLY | os.O_CREAT, 0o644)
+           for i in range(count)]
+    results = {}
+
+    def write(i):
+        try:
+            results[i] = os.pwrite(fds[i], b"w" * size, 0)
+        except OSError as e:
+            results[i] = errno.errorcode[e.errno]
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(count)]
+    pair.replica.kill(signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        # Those sent fill the window or the socket's buffers: the others wait to be sent.
+        wait_for(lambda: pair.primary.status()["mirror"]["in_flight"] >= 2, timeout=30,
+                 what="changes in flight")
+        time.sleep(1.0)
+        control.request(pair.primary.dir, {"cmd": "role", "role": "replica", "fence": True,
+                                           "listen": f"127.0.0.1:{free_port()}"}, 60)
+        for t in threads:
+            t.join(60)
+    finally:
+        pair.replica.kill(signal.SIGCONT)
+        for fd in fds:
+            os.close(fd)
+    assert len(results) == count and set(results.values()) <= {"EIO", "EROFS"}, results
+    assert not pair.primary.state().get("changed_alone")
+
+
 def hot_journal(folder: str, rows: int = 200) -> tuple[str, str]:
     """A database after a committed UPDATE, and the journal of the same UPDATE by a
     process killed before its commit (what a commit leaves until its last step, the
