@@ -280,22 +280,23 @@ class Tree:
     def listed(self, parent: int, name: bytes, st: os.stat_result) -> tuple[int, os.stat_result]:
         """lookup() for an entry that a directory listing reports, with st taken by name
         (not following a symlink): no descriptor is opened. An inode without one is
-        held by its file handle (taken again: the number may name a new file by now)
-        until a request uses it. Listing a large tree opened a descriptor per entry,
-        and retired another beyond max_fds."""
+        held by its file handle until a request uses it. Listing a large tree opened a
+        descriptor per entry, and retired another beyond max_fds. A retired inode keeps
+        its handle (taking it again cost a third of a warm listing): if its number now
+        names a new file, the old handle is stale, and the kernel, answered ESTALE,
+        looks the name up again, which takes a descriptor on the new file (_revive)."""
         ino = self.ino_of(st)
         node = self._nodes.get(ino)
-        if node is not None and node.fd is not None:
-            if not node.pinned:
+        if node is not None:
+            if node.fd is not None and not node.pinned:
                 self._lru.move_to_end(ino)
         else:
             dfd = self.fd(parent)
             handle = self._handle(dfd, name)
             if handle is None:          # a mount inside the folder, or no handles at all
                 return self.lookup(parent, name)
-            if node is None:
-                node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
-            node.handle, node.is_dir = handle, stat.S_ISDIR(st.st_mode)
+            node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
+            node.handle = handle
         node.nlookup += 1
         if not node.is_dir:
             node.aliases.add((parent, name))

@@ -176,6 +176,36 @@ def test_a_retired_file_that_is_gone_is_stale_and_its_number_may_return(walk):
     assert walk.tree.path(victim) == b"d0/new"
 
 
+def test_a_listing_holds_by_handle_and_a_lookup_renews_a_stale_one(walk):
+    """A listing opens no descriptor: a new inode is held by its handle, a retired one
+    keeps its own. When that number names a new file by then, the handle is stale
+    (ESTALE): the kernel looks the name up again, and that takes the new file."""
+    os.makedirs(os.path.join(walk.base, "d"))
+    for name in ("a", "b"):
+        with open(os.path.join(walk.base, "d", name), "w") as f:
+            f.write(name)
+    d = walk.look("d")
+    held = walk.held()
+    st = os.stat(os.path.join(walk.base, "d", "a"), follow_symlinks=False)
+    a, _ = walk.tree.listed(d, b"a", st)
+    assert walk.held() == held and walk.tree.path(a) == b"d/a"
+    assert walk.held() == held + 1          # path() used it: a descriptor now
+    names = make_files(walk.base, 1, 2 * CAP)
+    for rel in names:
+        walk.look(rel)                      # retires a's descriptor
+    os.unlink(os.path.join(walk.base, "d", "a"))
+    with open(os.path.join(walk.base, "d", "new"), "w") as f:
+        f.write("new")
+    st = os.stat(os.path.join(walk.base, "d", "new"), follow_symlinks=False)
+    assert st.st_ino == a                   # ext4 gives the freed number out again
+    assert walk.tree.listed(d, b"new", st)[0] == a
+    with pytest.raises(OSError) as e:
+        walk.tree.stat(a)
+    assert e.value.errno == errno.ESTALE
+    assert walk.tree.lookup(d, b"new")[0] == a
+    assert walk.tree.stat(a).st_size == 3 and walk.tree.path(a) == b"d/new"
+
+
 def test_files_reopened_cold_are_named_by_their_aliases(walk):
     """Reopened by handle after the dentry cache was dropped, a file is disconnected:
     /proc/self/fd shows "/", and the names it was looked up or renamed under count."""
