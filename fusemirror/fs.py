@@ -233,6 +233,14 @@ _NOTHING = contextlib.nullcontext()
 _CHANGE: contextvars.ContextVar[_Items | None] = contextvars.ContextVar("change", default=None)
 
 
+def _done_here() -> None:
+    """The change in progress (if any) is done here: a resynchronisation no longer
+    waits for it while it waits for its outcome on the peer."""
+    change = _CHANGE.get()
+    if change is not None:
+        change.done_here()
+
+
 class MirrorFS(pyfuse3.Operations):
     supports_dot_lookup = False
     # The kernel enforces POSIX ACLs (stored as system.posix_acl_* xattrs in the backing
@@ -643,9 +651,7 @@ class MirrorFS(pyfuse3.Operations):
         try:
             return p is not None and await p.mirror.finish(p)
         except PeerBehind as e:
-            change = _CHANGE.get()
-            if change is not None:
-                change.done_here()
+            _done_here()
             return await p.mirror.settled_without(e.journaled, str(e))
 
     async def _settle(self, replicate: bool, p) -> bool:
@@ -679,9 +685,7 @@ class MirrorFS(pyfuse3.Operations):
             if self.role == ALONE:
                 return False
             raise PeerError(why)
-        change = _CHANGE.get()
-        if change is not None:
-            change.done_here()
+        _done_here()
         return await self.mirror.unsent(why)
 
     async def _journal_given_up(self) -> None:

@@ -297,9 +297,7 @@ class Tree:
                 return self.lookup(parent, name)
             node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
             node.handle = handle
-        node.nlookup += 1
-        if not node.is_dir:
-            node.aliases.add((parent, name))
+        self._referenced(node, parent, name)
         return ino, st
 
     def adopt(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> int:
@@ -316,10 +314,15 @@ class Tree:
             os.close(fd)
             if not node.pinned:
                 self._lru.move_to_end(ino)
+        self._referenced(node, parent, name)
+        return ino
+
+    @staticmethod
+    def _referenced(node: _Node, parent: int, name: bytes) -> None:
+        """The kernel took one more lookup reference, under (parent, name)."""
         node.nlookup += 1
         if not node.is_dir:
             node.aliases.add((parent, name))
-        return ino
 
     def _revive(self, ino: int, node: _Node, fd: int, st: os.stat_result) -> None:
         """A retired inode is looked up again: keep this descriptor. Its number may
