@@ -239,12 +239,15 @@ class Tree:
 
     def _handle(self, fd: int, name: bytes = b"") -> bytes | None:
         """The handle that reopens what fd (or name in the directory fd) refers to, or
-        None if there is none."""
+        None if there is none. A name gone meanwhile raises FileNotFoundError: that is no
+        reason to keep descriptors (it took the one warning there is about them)."""
         if self._mount_id is None:
             return None
         try:
             handle, mount_id = file_handle(fd, name)
         except OSError as e:
+            if name and e.errno == errno.ENOENT:
+                raise
             self._log_pinned(e.strerror)
             return None
         if mount_id != self._mount_id:

@@ -206,6 +206,20 @@ def test_a_listing_holds_by_handle_and_a_lookup_renews_a_stale_one(walk):
     assert walk.tree.stat(a).st_size == 3 and walk.tree.path(a) == b"d/new"
 
 
+def test_a_listed_name_gone_meanwhile_is_skipped_without_a_warning(walk, caplog):
+    """Between the listing's stat and its handle the name may go: the entry is skipped
+    (FileNotFoundError), and that is no reason to warn that inodes keep descriptors."""
+    path = os.path.join(walk.base, "gone")
+    with open(path, "w"):
+        pass
+    st = os.stat(path, follow_symlinks=False)
+    os.unlink(path)
+    with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError):
+        walk.tree.listed(ROOT, b"gone", st)
+    assert not walk.tree.known(walk.tree.ino_of(st))
+    assert "cannot be reopened by file handle" not in caplog.text
+
+
 def test_files_reopened_cold_are_named_by_their_aliases(walk):
     """Reopened by handle after the dentry cache was dropped, a file is disconnected:
     /proc/self/fd shows "/", and the names it was looked up or renamed under count."""
