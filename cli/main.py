@@ -30,6 +30,7 @@ def fail(code: int, message: str):
 def setup_logging(log_file: str, foreground: bool, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("pyfuse3").setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
     fh = logging.FileHandler(log_file)

@@ -461,9 +461,12 @@ class Resync:
                     if r is None or self._copy.get(e[_INO]) == r[_INO]:
                         continue            # another link of the copy handled already
                     # handled where it was before a move or an unlink of its other link:
-                    # the peer's entry here is another file
+                    # the peer's entry here is another file: compared whole, as any file
+                    # (it was not: the peer kept a stale file here and counted as up to
+                    # date; test_resync_under_a_busy_namespace, seed 2)
                     self.done.discard(e[_INO])
                     self._whole.add(e[_INO])
+                    visit.append(name)
                 elif r is None or (e[_TYPE] == stat.S_IFREG and (
                         e[_SIZE] > probe.SMALL or r[_HASHES] is None)):
                     visit.append(name)

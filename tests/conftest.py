@@ -83,6 +83,8 @@ class Node:
     def mount(self, *args, check=True):
         if self.backing_fd is None:
             self.backing_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        if os.environ.get("FUSEMIRROR_TEST_VERBOSE"):
+            args += ("--verbose",)          # debug logs, for a flaky test's post-mortem
         p = cli("mount", self.dir, "--state-dir", self.state_dir, "--log-file", self.log_file,
                 *args, check=check)
         if p.returncode == 0:

@@ -239,6 +239,49 @@ def test_application_writes_during_resync(make_pair):
     pair.assert_identical()
 
 
+def test_a_file_handled_under_a_name_removed_since_is_compared_under_its_other(make_pair):
+    """A file with two links, a/f and y/f5, where the peer has another, stale file at
+    y/f5. The resync copies it at a/f; the application then renames another file over
+    a/f before the resync reaches y/. There the file is one it handled already, but
+    the peer's y/f5 is not that copy: it must be compared all the same. Before the fix
+    the peer kept its stale y/f5 and counted as up to date (found by
+    test_resync_under_a_busy_namespace, seed 2)."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.mount_replica()
+    pair.mount_primary("--resync-rate", "1000000")      # about 4 s for m/big below
+    pair.wait_connected()
+    for d in ("a", "m", "y"):
+        os.makedirs(pair.primary.path(d))
+    write(pair.primary.path("y", "f5"), b"stale " * 1000)
+    write(pair.primary.path("a", "g"), b"another file")
+    write(pair.primary.path("m", "big"), b"")
+    pair.replica.stop()
+    os.unlink(pair.primary.path("y", "f5"))
+    write(pair.primary.path("a", "f"), b"acknowledged " * 1000)
+    os.link(pair.primary.path("a", "f"), pair.primary.path("y", "f5"))
+    write(pair.primary.path("m", "big"), os.urandom(4 << 20))
+    pair.mount_replica()
+    reconnect(pair)
+
+    def copied() -> bool:
+        try:
+            with open(pair.replica.path("a", "f"), "rb") as f:
+                return f.read() == b"acknowledged " * 1000
+        except FileNotFoundError:
+            return False
+    # The resync walks a/, then m/ (big sent at 1 MB/s), then y/.
+    wait_for(copied, timeout=30, what="the resync to copy a/f to the peer")
+    assert link_of(pair.primary) == "resync", "the resync ended too early for this test"
+    # Replaced by a rename: the change names a/ and a/g, not the file it replaces.
+    os.rename(pair.primary.path("a", "g"), pair.primary.path("a", "f"))
+    with open(pair.replica.path("y", "f5"), "rb") as f:
+        assert f.read() == b"stale " * 1000, "y/ was resynchronised too early for this test"
+    wait_resynced(pair)
+    with open(pair.replica.path("y", "f5"), "rb") as f:
+        assert f.read() == b"acknowledged " * 1000
+    pair.assert_identical()
+
+
 def change_files_alone(root: str) -> None:
     """Changes that the journal records item by item (no directory moved, no link)."""
     with open(os.path.join(root, "a/b/big"), "r+b") as f:
