@@ -704,6 +704,12 @@ class Resync:
             if not theirs["exists"] or theirs["type"] != ours["type"]:
                 self._requeue_parent(fd)
                 return
+            if ours["type"] == stat.S_IFREG and ours["nlink"] == 1 and theirs["nlink"] > 1:
+                # The peer's file here is a link of a group (a stale file the application
+                # renamed here, say): writing ours into it would change its other links.
+                # Its directory replaces it (as in _same_node).
+                self._requeue_parent(fd)
+                return
             if ours["type"] == stat.S_IFREG:
                 await self._send_chunks(fd, ours, theirs)
             await self._fix_attrs(self._at(fd), ours, theirs)

@@ -239,6 +239,20 @@ def test_application_writes_during_resync(make_pair):
     pair.assert_identical()
 
 
+def slow_resync_pair(make_pair):
+    """A pair with a/, m/ and y/, whose next resync, once m/big (empty now) is rewritten
+    while the replica is away, takes about 4 s in m/: it sends 4 MiB at 1 MB/s, after
+    a/ and before y/ (name order)."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    pair.mount_replica()
+    pair.mount_primary("--resync-rate", "1000000")
+    pair.wait_connected()
+    for d in ("a", "m", "y"):
+        os.makedirs(pair.primary.path(d))
+    write(pair.primary.path("m", "big"), b"")
+    return pair
+
+
 def test_a_file_handled_under_a_name_removed_since_is_compared_under_its_other(make_pair):
     """A file with two links, a/f and y/f5, where the peer has another, stale file at
     y/f5. The resync copies it at a/f; the application then renames another file over
@@ -246,15 +260,9 @@ def test_a_file_handled_under_a_name_removed_since_is_compared_under_its_other(m
     the peer's y/f5 is not that copy: it must be compared all the same. Before the fix
     the peer kept its stale y/f5 and counted as up to date (found by
     test_resync_under_a_busy_namespace, seed 2)."""
-    pair = make_pair(policy="alone", timeout=2.0)
-    pair.mount_replica()
-    pair.mount_primary("--resync-rate", "1000000")      # about 4 s for m/big below
-    pair.wait_connected()
-    for d in ("a", "m", "y"):
-        os.makedirs(pair.primary.path(d))
+    pair = slow_resync_pair(make_pair)
     write(pair.primary.path("y", "f5"), b"stale " * 1000)
     write(pair.primary.path("a", "g"), b"another file")
-    write(pair.primary.path("m", "big"), b"")
     pair.replica.stop()
     os.unlink(pair.primary.path("y", "f5"))
     write(pair.primary.path("a", "f"), b"acknowledged " * 1000)
@@ -279,6 +287,37 @@ def test_a_file_handled_under_a_name_removed_since_is_compared_under_its_other(m
     wait_resynced(pair)
     with open(pair.replica.path("y", "f5"), "rb") as f:
         assert f.read() == b"acknowledged " * 1000
+    pair.assert_identical()
+
+
+def test_a_file_renamed_onto_a_stale_link_of_the_peer_does_not_overwrite_its_group(
+        make_pair):
+    """The peer has a stale third link y/b of the group a/g1, a/g2 (removed here while
+    it was away, and y/b made a new file). While the resync runs, the application
+    renames y/b into a/, which the resync has passed: on the peer that moves the stale
+    link. When the resync then copies the renamed file, the peer's entry is a link of
+    the group: it must be replaced, not written into, or the group's content changes
+    on the peer (found by test_resync_under_a_busy_namespace, seed 2)."""
+    pair = slow_resync_pair(make_pair)
+    write(pair.primary.path("a", "g1"), b"group " * 1000)
+    os.link(pair.primary.path("a", "g1"), pair.primary.path("a", "g2"))
+    os.link(pair.primary.path("a", "g1"), pair.primary.path("y", "b"))
+    pair.replica.stop()
+    os.unlink(pair.primary.path("y", "b"))
+    write(pair.primary.path("y", "b"), b"single " * 1000)
+    write(pair.primary.path("m", "big"), os.urandom(4 << 20))
+    pair.mount_replica()
+    reconnect(pair)
+    # A fast resync: a/ is looked through, m/big sent at 1 MB/s, then y/.
+    wait_for(lambda: link_of(pair.primary) == "resync", timeout=30,
+             what="the resync to start")
+    time.sleep(1)
+    assert link_of(pair.primary) == "resync", "the resync ended too early for this test"
+    assert os.stat(pair.replica.path("y", "b")).st_nlink == 3, "y/ was handled too early"
+    os.rename(pair.primary.path("y", "b"), pair.primary.path("a", "x"))
+    wait_resynced(pair)
+    with open(pair.replica.path("a", "g1"), "rb") as f:
+        assert f.read() == b"group " * 1000
     pair.assert_identical()
 
 
