@@ -34,8 +34,9 @@ from .wire import HandshakeRefused
 
 log = logging.getLogger(__name__)
 
-RESYNC_ATTEMPTS = 3         # failed resynchronisations retried on the same link
-RESYNC_PAUSE = 2.0          # seconds between them
+RESYNC_ATTEMPTS = 3         # failed resynchronisations retried RESYNC_PAUSE apart on the
+RESYNC_PAUSE = 2.0          # same link; then the pause doubles, up to RESYNC_PAUSE_MAX,
+RESYNC_PAUSE_MAX = 60.0     # and the retries go on while the link is there
 
 
 @dataclass
@@ -278,8 +279,12 @@ class Agent:
                       *mirror.peer, e)
         finally:
             self._resyncing = False
-        if self._resync_failures <= RESYNC_ATTEMPTS and mirror.link.value == "outdated":
-            await trio.sleep(RESYNC_PAUSE)          # the link is still there: try again
+        if self._resync_failures and mirror.link.value == "outdated":
+            # The link is still there: try again. Giving up after a few attempts left a
+            # peer out of date for good under a busy application (a directory changed
+            # faster than the resync could settle it) or a passing ENOSPC there.
+            extra = max(self._resync_failures - RESYNC_ATTEMPTS, 0)
+            await trio.sleep(min(RESYNC_PAUSE * 2 ** min(extra, 10), RESYNC_PAUSE_MAX))
             self._maybe_resync(mirror)
 
     def changes(self, limit: int) -> dict:

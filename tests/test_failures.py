@@ -450,6 +450,29 @@ def test_disk_full_on_replica_fails_with_eio(make_pair, small_tmpfs):
     assert "No space left" in pair.replica.log()
 
 
+def test_a_failing_resync_is_retried_until_it_succeeds(make_pair, small_tmpfs):
+    """The replica's disk is too small for what changed while it was away: every
+    resynchronisation fails there (ENOSPC). The primary keeps trying, more and more
+    slowly, beyond its first three retries (it used to stop there, leaving the peer out
+    of date until an admin stepped in); once the space is there, one succeeds."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    small_tmpfs(pair.replica.dir, "1m")
+    pair.start()
+    pair.replica.stop()
+    write_sync(pair.primary.path("big"), os.urandom(3 << 20))
+    pair.mount_replica()
+    cli("role", pair.primary.dir, "primary", "--peer", pair.address)
+
+    def failures() -> int:
+        return pair.primary.log().count(f"resynchronisation of {pair.address} failed")
+    wait_for(lambda: failures() >= 5, timeout=60, what="a fifth failed resynchronisation")
+    assert "No space left" in pair.replica.log()
+    os.unlink(pair.primary.path("big"))
+    wait_for(lambda: (pair.primary.status().get("mirror") or {}).get("link") == "connected",
+             timeout=60, what="a resynchronisation to succeed")
+    pair.assert_identical()
+
+
 def test_disk_full_on_primary_replica_gets_primary_version(make_pair, small_tmpfs):
     pair = make_pair(policy="block", timeout=3.0)
     small_tmpfs(pair.primary.dir, "2m")
