@@ -69,6 +69,13 @@ class _Gone(Exception):
     moved it queued what it touched)."""
 
 
+def _differs(ours: dict, theirs: dict) -> bool:
+    """Do the two descriptions of a node differ in anything the resync sets?"""
+    return any(ours.get(k) != theirs.get(k) for k in (
+        "size", "mode", "uid", "gid", "mtime", "hashes", "target", "rdev")) \
+        or (ours.get("xattrs") or {}) != (theirs.get("xattrs") or {})
+
+
 def _entry_desc(e: list) -> dict:
     """A directory entry as probe.describe_fd would describe the node."""
     d = {"exists": True, "type": e[_TYPE], "ino": e[_INO], "nlink": e[_NLINK],
@@ -141,6 +148,7 @@ class Resync:
         self._looked: set[int] = set()         # directories only looked through (fast)
         self._handle = _HANDLES
         self._failure: str | None = None
+        self._full_unrecorded = False           # _go_full ran; the journal does not say so yet
         self._root = self.tree.root_path.rstrip(b"/") + b"/"
         self.progress = {"state": "starting", "full": self.dirty is None,
                          "items_total": 0, "items_done": 0,
@@ -261,10 +269,22 @@ class Resync:
             return
         log.info("resynchronisation: %s: comparing everything", why)
         self.dirty = None
+        self._full_unrecorded = True
         self.progress["full"] = True
         self.done -= self._looked
         self._looked.clear()
         self.touched((self._ino(self.tree.root_fd),), failed=True)
+
+    async def _record(self, ino: int) -> None:
+        """The resync is about to change item ino on the peer, and the journal may not
+        name it whole (a directory handled because a step or a change sent it again, a
+        file known only by its changed chunks). It is journaled first, as a node: an
+        attempt that fails after changing it, or a crash, is followed by one that compares
+        it whole again. (A fast retry used to look only at what the journal named, and
+        left the rest as the failed attempt had put it; chaos seed 13, fault 151.)"""
+        j = self.fs.journal
+        if j is not None and not j.dirty.everything and ino not in j.dirty.nodes:
+            await j.mark_node(ino)
 
     def _is_dirty(self, ino: int) -> bool:
         d = self.dirty
@@ -346,6 +366,11 @@ class Resync:
 
     # --- talking to the peer ---------------------------------------------------------------
     async def _op(self, kind: P.Kind, fields: dict, compress: bool = False) -> None:
+        if self._full_unrecorded and self.fs.journal is not None:
+            # What follows may change anything: an attempt that fails from here on, or a
+            # crash, is followed by a full one.
+            self._full_unrecorded = False
+            await self.fs.journal.mark_everything()
         p = await self.mirror.begin(kind, fields, compress=compress)
         if p is None:
             self._check()
@@ -427,6 +452,7 @@ class Resync:
                 here = self._rel(dfd)
             except FileNotFoundError:
                 return []
+            await self._record(ino)
             theirs = await self._probe(self._at(dfd), probe.ENTRIES | probe.HASHES)
             ours = await trio.to_thread.run_sync(probe.describe_fd, dfd, probe.ENTRIES,
                                                  self.block)
@@ -443,6 +469,8 @@ class Resync:
                 r = peer.get(name)
                 keep = r is not None and self._same_node(dfd, name, e, r)
                 if not keep:
+                    if e[_TYPE] == stat.S_IFREG:
+                        await self._record(e[_INO])     # compared whole if this fails
                     if r is not None:
                         await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                     r = await self._create(dfd, name, e, ours["mtime"])
@@ -710,6 +738,8 @@ class Resync:
                 # Its directory replaces it (as in _same_node).
                 self._requeue_parent(fd)
                 return
+            if only is None and _differs(ours, theirs):
+                await self._record(ino)
             if ours["type"] == stat.S_IFREG:
                 await self._send_chunks(fd, ours, theirs)
             await self._fix_attrs(self._at(fd), ours, theirs)

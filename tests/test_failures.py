@@ -5,6 +5,7 @@ policies, a cut network (short: the session resumes; long: EIO), a corrupted
 frame, a full disk on either side, and role switches under load.
 """
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -468,6 +469,37 @@ def test_a_failing_resync_is_retried_until_it_succeeds(make_pair, small_tmpfs):
     wait_for(lambda: failures() >= 5, timeout=60, what="a fifth failed resynchronisation")
     assert "No space left" in pair.replica.log()
     os.unlink(pair.primary.path("big"))
+    wait_for(lambda: (pair.primary.status().get("mirror") or {}).get("link") == "connected",
+             timeout=60, what="a resynchronisation to succeed")
+    pair.assert_identical()
+
+
+def test_what_a_failed_resync_changed_outside_the_journal_is_compared_by_the_next(
+        make_pair, small_tmpfs):
+    """A fast resync changes the peer beyond what the journal names: here it re-creates,
+    empty, a file the peer lost, in a directory the journal does not name. Then it fails
+    (the peer's disk is full). The next attempt must compare that directory and the whole
+    file again; it used to look only at the file's journaled chunk and leave the rest of
+    the re-created file empty on the peer (chaos run, seed 13, fault 151)."""
+    pair = make_pair(policy="alone", timeout=2.0)
+    small_tmpfs(pair.replica.dir, "6m")
+    pair.start()
+    os.makedirs(pair.primary.path("a"))
+    write_sync(pair.primary.path("a", "f"), os.urandom(2 << 20))
+    pair.replica.stop()
+    write_sync(pair.primary.path("a", "f"), os.urandom(4096), offset=(1 << 20) + 5)
+    os.unlink(os.path.join(pair.replica.dir, "a", "f"))        # the peer lost it
+    root = os.stat(pair.replica.dir)        # its mtime is put back after the filler
+    with open(os.path.join(pair.replica.dir, "filler"), "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (256 << 10))
+    pair.mount_replica()
+    cli("role", pair.primary.dir, "primary", "--peer", pair.address)
+    wait_for(lambda: f"resynchronisation of {pair.address} failed" in pair.primary.log(),
+             timeout=30, what="the resynchronisation to fail on the full disk")
+    os.unlink("filler", dir_fd=pair.replica.backing_fd)         # behind the replica's back
+    os.utime(pair.replica.backing_fd, ns=(root.st_atime_ns, root.st_mtime_ns))
     wait_for(lambda: (pair.primary.status().get("mirror") or {}).get("link") == "connected",
              timeout=60, what="a resynchronisation to succeed")
     pair.assert_identical()
