@@ -275,15 +275,19 @@ class Resync:
         self._looked.clear()
         self.touched((self._ino(self.tree.root_fd),), failed=True)
 
-    async def _record(self, ino: int) -> None:
+    async def _record(self, ino: int, directory: bool = True) -> None:
         """The resync is about to change item ino on the peer, and the journal may not
-        name it whole (a directory handled because a step or a change sent it again, a
-        file known only by its changed chunks). It is journaled first, as a node: an
+        name it whole: a directory handled because a step or a change sent it again, a
+        file known only by its changed chunks. It is journaled first, as a node: an
         attempt that fails after changing it, or a crash, is followed by one that compares
         it whole again. (A fast retry used to look only at what the journal named, and
-        left the rest as the failed attempt had put it; chaos seed 13, fault 151.)"""
+        left the rest as the failed attempt had put it; chaos seed 13, fault 151.) A file
+        the journal does not name at all is compared whole by its directory's pass, which
+        is journaled: it costs no record (new files are many in a fast resync)."""
         j = self.fs.journal
-        if j is not None and not j.dirty.everything and ino not in j.dirty.nodes:
+        if j is None or j.dirty.everything or ino in j.dirty.nodes:
+            return
+        if directory or ino in j.dirty.chunks:
             await j.mark_node(ino)
 
     def _is_dirty(self, ino: int) -> bool:
@@ -470,7 +474,7 @@ class Resync:
                 keep = r is not None and self._same_node(dfd, name, e, r)
                 if not keep:
                     if e[_TYPE] == stat.S_IFREG:
-                        await self._record(e[_INO])     # compared whole if this fails
+                        await self._record(e[_INO], directory=False)
                     if r is not None:
                         await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                     r = await self._create(dfd, name, e, ours["mtime"])
@@ -739,7 +743,7 @@ class Resync:
                 self._requeue_parent(fd)
                 return
             if only is None and _differs(ours, theirs):
-                await self._record(ino)
+                await self._record(ino, directory=False)
             if ours["type"] == stat.S_IFREG:
                 await self._send_chunks(fd, ours, theirs)
             await self._fix_attrs(self._at(fd), ours, theirs)
