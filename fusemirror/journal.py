@@ -171,6 +171,18 @@ class Journal:
         self.dirty.nodes.add(ino)
         await self._durable(_ENTRY.pack(b"FR", NODE, ino, 0, 0))
 
+    async def mark_nodes(self, inos) -> None:
+        """mark_node for many inodes, with one flush."""
+        if self.dirty.everything:
+            return
+        new = sorted(set(inos) - self.dirty.nodes)
+        if not new:
+            return
+        self.dirty.nodes.update(new)
+        for ino in new[:-1]:
+            self._queue.append(_sealed(_ENTRY.pack(b"FR", NODE, ino, 0, 0)))
+        await self._durable(_ENTRY.pack(b"FR", NODE, new[-1], 0, 0))
+
     async def mark_everything(self) -> None:
         if self.dirty.everything:
             return

@@ -69,11 +69,10 @@ class _Gone(Exception):
     moved it queued what it touched)."""
 
 
-def _differs(ours: dict, theirs: dict) -> bool:
-    """Do the two descriptions of a node differ in anything the resync sets?"""
-    return any(ours.get(k) != theirs.get(k) for k in (
-        "size", "mode", "uid", "gid", "mtime", "hashes", "target", "rdev")) \
-        or (ours.get("xattrs") or {}) != (theirs.get("xattrs") or {})
+def _entry_differs(e: list, r: list | None) -> bool:
+    """Does the peer's entry r differ from ours, e, in anything the resync compares
+    (type, links, content of a small file, attributes)? Inode numbers always differ."""
+    return r is None or any(e[i] != r[i] for i in range(len(e)) if i not in (_NAME, _INO))
 
 
 def _entry_desc(e: list) -> dict:
@@ -275,20 +274,20 @@ class Resync:
         self._looked.clear()
         self.touched((self._ino(self.tree.root_fd),), failed=True)
 
-    async def _record(self, ino: int, directory: bool = True) -> None:
-        """The resync is about to change item ino on the peer, and the journal may not
-        name it whole: a directory handled because a step or a change sent it again, a
-        file known only by its changed chunks. It is journaled first, as a node: an
-        attempt that fails after changing it, or a crash, is followed by one that compares
-        it whole again. (A fast retry used to look only at what the journal named, and
-        left the rest as the failed attempt had put it; chaos seed 13, fault 151.) A file
-        the journal does not name at all is compared whole by its directory's pass, which
-        is journaled: it costs no record (new files are many in a fast resync)."""
+    async def _record(self, inos) -> None:
+        """The resync is about to change these items on the peer: those the journal does
+        not name whole are journaled first, as nodes, with one flush. An attempt that
+        fails after changing them, or a kill -9, is followed by one that compares them
+        whole again. (A fast retry used to look only at what the journal named, and left a
+        file that the failed attempt had re-created empty as it was; chaos seed 13, fault
+        151.)"""
         j = self.fs.journal
-        if j is None or j.dirty.everything or ino in j.dirty.nodes:
+        if j is None:
             return
-        if directory or ino in j.dirty.chunks:
-            await j.mark_node(ino)
+        if self.dirty is None:          # a full pass (the peer's ESTALE, or _go_full)
+            await j.mark_everything()
+        else:
+            await j.mark_nodes(inos)
 
     def _is_dirty(self, ino: int) -> bool:
         d = self.dirty
@@ -456,7 +455,6 @@ class Resync:
                 here = self._rel(dfd)
             except FileNotFoundError:
                 return []
-            await self._record(ino)
             theirs = await self._probe(self._at(dfd), probe.ENTRIES | probe.HASHES)
             ours = await trio.to_thread.run_sync(probe.describe_fd, dfd, probe.ENTRIES,
                                                  self.block)
@@ -465,6 +463,10 @@ class Resync:
                 return []
             peer = {bytes.fromhex(e[_NAME]): e for e in theirs["entries"]}
             mine = {bytes.fromhex(e[_NAME]): e for e in ours["entries"]}
+            # this directory, and each file of it that may be re-created or rewritten
+            await self._record([ino] + [e[_INO] for name, e in mine.items()
+                                        if e[_TYPE] == stat.S_IFREG
+                                        and _entry_differs(e, peer.get(name))])
             changed = False
             for name in sorted(peer.keys() - mine.keys()):
                 await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
@@ -473,8 +475,6 @@ class Resync:
                 r = peer.get(name)
                 keep = r is not None and self._same_node(dfd, name, e, r)
                 if not keep:
-                    if e[_TYPE] == stat.S_IFREG:
-                        await self._record(e[_INO], directory=False)
                     if r is not None:
                         await self._op(K.REMOVE, dict(path=self._under(dfd, name)))
                     r = await self._create(dfd, name, e, ours["mtime"])
@@ -742,8 +742,6 @@ class Resync:
                 # Its directory replaces it (as in _same_node).
                 self._requeue_parent(fd)
                 return
-            if only is None and _differs(ours, theirs):
-                await self._record(ino, directory=False)
             if ours["type"] == stat.S_IFREG:
                 await self._send_chunks(fd, ours, theirs)
             await self._fix_attrs(self._at(fd), ours, theirs)

@@ -50,6 +50,18 @@ async def test_concurrent_new_marks_share_fdatasyncs(tmp_path):
     assert set(J.read(j.path).chunks) == set(range(200))
 
 
+async def test_many_nodes_marked_at_once_take_one_fdatasync(tmp_path):
+    j = J.Journal(str(tmp_path / "j"))
+    await j.mark_node(3)
+    syncs = j.syncs
+    await j.mark_nodes([3, 5, 6, 7, 5])
+    assert j.syncs == syncs + 1
+    await j.mark_nodes([6, 7])                    # all known: nothing written
+    assert j.syncs == syncs + 1
+    j.close()
+    assert J.read(j.path).nodes == {3, 5, 6, 7}
+
+
 def test_a_mark_is_on_disk_when_the_call_returns(tmp_path):
     """kill -9 right after the mark returned: the record is there."""
     path = str(tmp_path / "j")
