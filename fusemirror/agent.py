@@ -166,6 +166,7 @@ class Agent:
 
     # --- roles -----------------------------------------------------------------
     def _new_mirror(self, peer) -> Mirror:
+        self._resync_failures = 0       # a new link: its retries start 2 s apart again
         def outdated():
             self.fs.journal_open_files()
             self._maybe_resync(m)
