@@ -166,10 +166,8 @@ class Journal:
 
     async def mark_node(self, ino: int) -> None:
         """The entries of directory ino, or the attributes of node ino, changed."""
-        if self.dirty.everything or ino in self.dirty.nodes:
-            return
-        self.dirty.nodes.add(ino)
-        await self._durable(_ENTRY.pack(b"FR", NODE, ino, 0, 0))
+        if not (self.dirty.everything or ino in self.dirty.nodes):
+            await self.mark_nodes((ino,))
 
     async def mark_nodes(self, inos) -> None:
         """mark_node for many inodes, with one flush."""

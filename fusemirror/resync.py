@@ -147,7 +147,6 @@ class Resync:
         self._looked: set[int] = set()         # directories only looked through (fast)
         self._handle = _HANDLES
         self._failure: str | None = None
-        self._full_unrecorded = False           # _go_full ran; the journal does not say so yet
         self._root = self.tree.root_path.rstrip(b"/") + b"/"
         self.progress = {"state": "starting", "full": self.dirty is None,
                          "items_total": 0, "items_done": 0,
@@ -268,7 +267,6 @@ class Resync:
             return
         log.info("resynchronisation: %s: comparing everything", why)
         self.dirty = None
-        self._full_unrecorded = True
         self.progress["full"] = True
         self.done -= self._looked
         self._looked.clear()
@@ -282,11 +280,7 @@ class Resync:
         file that the failed attempt had re-created empty as it was; chaos seed 13, fault
         151.)"""
         j = self.fs.journal
-        if j is None:
-            return
-        if self.dirty is None:          # a full pass (the peer's ESTALE, or _go_full)
-            await j.mark_everything()
-        else:
+        if j is not None and self.dirty is not None:   # a full pass: see _op
             await j.mark_nodes(inos)
 
     def _is_dirty(self, ino: int) -> bool:
@@ -369,11 +363,11 @@ class Resync:
 
     # --- talking to the peer ---------------------------------------------------------------
     async def _op(self, kind: P.Kind, fields: dict, compress: bool = False) -> None:
-        if self._full_unrecorded and self.fs.journal is not None:
-            # What follows may change anything: an attempt that fails from here on, or a
-            # crash, is followed by a full one.
-            self._full_unrecorded = False
-            await self.fs.journal.mark_everything()
+        j = self.fs.journal
+        if self.dirty is None and j is not None and not j.dirty.everything:
+            # A full pass (the peer's ESTALE, or _go_full) may change anything: an attempt
+            # that fails from here on, or a crash, is followed by a full one.
+            await j.mark_everything()
         p = await self.mirror.begin(kind, fields, compress=compress)
         if p is None:
             self._check()

@@ -469,8 +469,7 @@ def test_a_failing_resync_is_retried_until_it_succeeds(make_pair, small_tmpfs):
     wait_for(lambda: failures() >= 5, timeout=60, what="a fifth failed resynchronisation")
     assert "No space left" in pair.replica.log()
     os.unlink(pair.primary.path("big"))
-    wait_for(lambda: (pair.primary.status().get("mirror") or {}).get("link") == "connected",
-             timeout=60, what="a resynchronisation to succeed")
+    pair.wait_connected(timeout=60)                 # a resynchronisation succeeded
     pair.assert_identical()
 
 
@@ -500,8 +499,7 @@ def test_what_a_failed_resync_changed_outside_the_journal_is_compared_by_the_nex
              timeout=30, what="the resynchronisation to fail on the full disk")
     os.unlink("filler", dir_fd=pair.replica.backing_fd)         # behind the replica's back
     os.utime(pair.replica.backing_fd, ns=(root.st_atime_ns, root.st_mtime_ns))
-    wait_for(lambda: (pair.primary.status().get("mirror") or {}).get("link") == "connected",
-             timeout=60, what="a resynchronisation to succeed")
+    pair.wait_connected(timeout=60)                 # a resynchronisation succeeded
     pair.assert_identical()
 
 
