@@ -472,6 +472,8 @@ def open_gluster(home: Path) -> Iterator[Bed]:
     mnt = home / "mnt"
     for d in (*bricks, mnt):
         d.mkdir()
+    for d in bricks:
+        bm.spread_subdirectories(d)
     owned = [f"/var/run/gluster/vols/{vol}", f"/var/run/gluster/shd/{vol}"]
     daemons: dict[str, Agent] = {}
     with contextlib.ExitStack() as stack:
