@@ -18,6 +18,10 @@ its first 28 bytes::
             kind 2: node ino (entries or attributes)
             kind 3: everything (a full resynchronisation is needed); ino, first, last 0
 
+A record that cannot be written (disk full) fails every change waiting for it, is taken back
+and cut off the file, and the next record written is preceded by "everything" (a change
+already applied when its peer was given up may be among those that failed).
+
 Reading stops at the first record that is short or whose CRC is wrong (a torn tail after a
 crash: what follows was never acknowledged). A bad record followed by good ones (damage,
 not a torn tail), a damaged header or another chunk size make the journal say
@@ -26,6 +30,8 @@ not a torn tail), a damaged header or another chunk size make the journal say
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import struct
@@ -43,6 +49,7 @@ _HEADER = struct.Struct("<4sIQ12x")          # 28 bytes, then the CRC
 _ENTRY = struct.Struct("<2sBxQQQ")           # 28 bytes, then the CRC
 _CRC = struct.Struct("<I")
 DATA, NODE, EVERYTHING = 1, 2, 3
+_ALL = (EVERYTHING,)
 
 
 def _sealed(body: bytes) -> bytes:
@@ -132,7 +139,11 @@ def _apply(dirty: Dirty, kind: int, ino: int, first: int, last: int) -> None:
 
 
 class Journal:
-    """The journal file of one mount. `mark_*` return once the mark is durable."""
+    """The journal file of one mount. `mark_*` return once the mark is durable, also when
+    another change made the same mark a moment before, or raise the OSError that stopped
+    it being written (a full or failing disk): the change must then not be made. After
+    such a failure the mark is taken back, and the next record written is preceded by
+    "everything": a change applied anyway (its peer given up meanwhile) has no record."""
 
     def __init__(self, path: str, chunk_size: int = DEFAULT_CHUNK):
         if chunk_size <= 0 or chunk_size & (chunk_size - 1):
@@ -145,58 +156,112 @@ class Journal:
         else:
             _cut_torn_tail(self._fd, path)
         self._queue: list[bytes] = []
+        self._queued_keys: list[tuple] = []
         self._flushing = False
         self._flushed = trio.Event()      # set when a flush ends; replaced when one starts
         self._next_batch, self._done_batch = 1, 0
+        # What is marked in self.dirty but not durable yet: key -> the batch writing it.
+        # A change finding its mark there waits for that batch, and fails with it.
+        self._unsynced: dict[tuple, int] = {}
+        self._failed: dict[int, OSError] = {}    # batch -> why, until its callers saw it
+        self._waiters: dict[int, int] = {}        # batch -> callers waiting for it
+        self._owe_everything = False              # a flush failed: the next one says all
         self.syncs = 0                    # fdatasyncs done (for tests and /metrics)
 
     # -- marking ------------------------------------------------------------------------------
 
     async def mark_data(self, ino: int, offset: int, length: int) -> None:
         """File ino changed in [offset, offset + length) (a truncate: from the new size on)."""
-        if self.dirty.everything:
-            return
         first = offset // self.chunk_size
         last = max(first, (offset + max(length, 1) - 1) // self.chunk_size)
-        known = self.dirty.chunks.get(ino, ())
-        if all(c in known for c in range(first, last + 1)):
-            return
-        self.dirty.chunks.setdefault(ino, set()).update(range(first, last + 1))
-        await self._durable(_ENTRY.pack(b"FR", DATA, ino, first, last))
+        while True:
+            if self.dirty.everything:
+                keys = [_ALL]
+            else:
+                known = self.dirty.chunks.setdefault(ino, set())
+                new = [c for c in range(first, last + 1) if c not in known]
+                if new:
+                    known.update(new)
+                    # Chunks of this range marked before are in this batch or an earlier one.
+                    await self._durable([_ENTRY.pack(b"FR", DATA, ino, first, last)],
+                                        [(DATA, ino, c) for c in new])
+                    return
+                keys = [(DATA, ino, c) for c in range(first, last + 1)]
+            if not await self._wait_for(keys):
+                return
 
     async def mark_node(self, ino: int) -> None:
         """The entries of directory ino, or the attributes of node ino, changed."""
-        if not (self.dirty.everything or ino in self.dirty.nodes):
-            await self.mark_nodes((ino,))
+        await self.mark_nodes((ino,))
 
     async def mark_nodes(self, inos) -> None:
         """mark_node for many inodes, with one flush."""
-        if self.dirty.everything:
-            return
-        new = sorted(set(inos) - self.dirty.nodes)
-        if not new:
-            return
-        self.dirty.nodes.update(new)
-        for ino in new[:-1]:
-            self._queue.append(_sealed(_ENTRY.pack(b"FR", NODE, ino, 0, 0)))
-        await self._durable(_ENTRY.pack(b"FR", NODE, new[-1], 0, 0))
+        inos = set(inos)
+        while True:
+            if self.dirty.everything:
+                keys = [_ALL]
+            else:
+                new = sorted(inos - self.dirty.nodes)
+                if new:
+                    self.dirty.nodes.update(new)
+                    await self._durable([_ENTRY.pack(b"FR", NODE, ino, 0, 0) for ino in new],
+                                        [(NODE, ino) for ino in new])
+                    return
+                keys = [(NODE, ino) for ino in inos]
+            if not await self._wait_for(keys):
+                return
 
     async def mark_everything(self) -> None:
-        if self.dirty.everything:
-            return
+        while self.dirty.everything:
+            if not await self._wait_for([_ALL]):
+                return
         self.dirty.everything = True
-        await self._durable(_ENTRY.pack(b"FR", EVERYTHING, 0, 0, 0))
+        await self._durable([_ENTRY.pack(b"FR", EVERYTHING, 0, 0, 0)], [_ALL])
 
-    async def _durable(self, body: bytes) -> None:
-        """Queue a record and return once a flush that includes it has ended. The records
-        queued while a flush runs go together in the next one (one fdatasync)."""
-        self._queue.append(_sealed(body))
+    async def _wait_for(self, keys: list[tuple]) -> bool:
+        """Marks already made by other changes: False if they are durable; else wait until
+        the flush writing them ends and return True, for the caller to look again (a flush
+        that failed took its marks back)."""
+        batch = max((self._unsynced.get(k, 0) for k in keys), default=0)
+        if batch <= self._done_batch:
+            return False
+        while self._done_batch < batch:
+            await self._flush_or_wait()
+        return True
+
+    async def _durable(self, bodies: list[bytes], keys: list[tuple]) -> None:
+        """Queue records and return once a flush that includes them has ended. The records
+        queued while a flush runs go together in the next one (one fdatasync). If that
+        flush fails, its marks are taken back and its OSError raised."""
+        if self._owe_everything and not self.dirty.everything:
+            # An earlier flush failed, maybe under a change applied all the same (the
+            # peer given up during it): the journal cannot say what that one touched.
+            self._owe_everything = False
+            self.dirty.everything = True
+            bodies, keys = [_ENTRY.pack(b"FR", EVERYTHING, 0, 0, 0), *bodies], [_ALL, *keys]
         mine = self._next_batch              # the batch that will take the queue as it is
-        while self._done_batch < mine:
-            if self._flushing:
-                await self._flushed.wait()
-            else:
-                await self._flush()
+        self._queue += [_sealed(b) for b in bodies]
+        self._queued_keys += keys
+        for key in keys:
+            self._unsynced[key] = mine
+        self._waiters[mine] = self._waiters.get(mine, 0) + 1
+        try:
+            while self._done_batch < mine:
+                await self._flush_or_wait()
+            error = self._failed.get(mine)
+        finally:
+            self._waiters[mine] -= 1
+            if not self._waiters[mine]:          # the last caller of its batch forgets it
+                del self._waiters[mine]
+                self._failed.pop(mine, None)
+        if error is not None:
+            raise OSError(error.errno, f"cannot write the change journal: {error.strerror}")
+
+    async def _flush_or_wait(self) -> None:
+        if self._flushing:
+            await self._flushed.wait()
+        else:
+            await self._flush()
 
     async def _flush(self) -> None:
         self._flushing = True
@@ -204,20 +269,57 @@ class Journal:
         try:
             while self._queue:
                 batch, self._queue = b"".join(self._queue), []
+                keys, self._queued_keys = self._queued_keys, []
                 number, self._next_batch = self._next_batch, self._next_batch + 1
-                await trio.to_thread.run_sync(self._write, batch)
-                self.syncs += 1
+                try:
+                    await trio.to_thread.run_sync(self._write, batch)
+                except Exception as e:          # each caller of the batch gets it
+                    if not isinstance(e, OSError):
+                        log.exception("journal %s: unexpected error", self.path)
+                        e = OSError(errno.EIO, f"{type(e).__name__}: {e}")
+                    log.error("journal %s: cannot record changes: %s", self.path, e.strerror)
+                    if number in self._waiters:
+                        self._failed[number] = e
+                    self._unmark(keys, number)
+                    self._owe_everything = True
+                else:
+                    self.syncs += 1
                 self._done_batch = number
+                for key in keys:
+                    if self._unsynced.get(key) == number:
+                        del self._unsynced[key]
         finally:
             self._flushing = False
             flushed.set()
 
+    def _unmark(self, keys: list[tuple], batch: int) -> None:
+        """Take back the marks of a batch that could not be written."""
+        for key in keys:
+            if self._unsynced.get(key) != batch:
+                continue
+            if key == _ALL:
+                self.dirty.everything = False
+            elif key[0] == DATA:
+                self.dirty.chunks.get(key[1], set()).discard(key[2])
+                if not self.dirty.chunks.get(key[1], True):
+                    del self.dirty.chunks[key[1]]
+            else:
+                self.dirty.nodes.discard(key[1])
+
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fdatasync(self._fd)
+        """Append and fdatasync; on failure, cut what was appended (a partial record
+        followed by later good ones would read as damage: a full resync)."""
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fdatasync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
 
     # -- after a resynchronisation ---------------------------------------------------------------
 

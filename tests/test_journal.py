@@ -2,10 +2,14 @@
 marks cost nothing, concurrent new marks share one fdatasync, and a damaged journal never
 makes the next reintegration miss a change (a torn tail is cut, a bad header means all)."""
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
+import threading
 
+import pytest
 import trio
 
 from fusemirror import journal as J
@@ -137,3 +141,115 @@ async def test_clear_forgets_durably(tmp_path):
     j.close()
     assert J.read(path).nodes == {4}
     assert not J.read(str(tmp_path / "none"))
+
+
+def _held_write(j):
+    """Make j's next journal write wait in its thread until the returned event is set."""
+    real, entered, go = j._write, threading.Event(), threading.Event()
+
+    def write(data):
+        entered.set()
+        go.wait(30)
+        real(data)
+    j._write = write
+    return entered, go
+
+
+async def test_a_mark_queued_by_another_change_returns_only_once_it_is_durable(tmp_path):
+    """Two writes to the same chunk at once: the second finds the chunk marked, but its
+    record is still being written; it must wait for it, or a crash right after the second
+    write's answer loses the record of a change the application saw succeed."""
+    j = J.Journal(str(tmp_path / "j"))
+    entered, go = _held_write(j)
+    returned = []
+
+    async def mark(who):
+        await j.mark_data(1, 0, 4096)
+        returned.append(who)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mark, "first")
+        await trio.to_thread.run_sync(entered.wait, 30)
+        nursery.start_soon(mark, "second")
+        await trio.sleep(0.2)
+        assert returned == []                   # the record is not on disk yet
+        go.set()
+    assert sorted(returned) == ["first", "second"] and j.syncs == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs holding a journal whose file ends on a page boundary (so the next
+    record needs a new page), and a file that can fill what is left of the disk."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _fill(path):
+    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+async def test_a_journal_write_failing_on_a_full_disk_fails_every_change_waiting_on_it(full_disk):
+    """Disk full under the journal: each change whose record could not be written fails
+    with ENOSPC (none hangs), nothing stays marked in memory, nothing damaged is left on
+    disk, and once there is room again the journal says everything (a change applied all
+    the same, its peer given up meanwhile, would have no record)."""
+    path = str(full_disk / "j")
+    j = J.Journal(path)
+    for ino in range(4096 // J.RECORD - 1):          # the header and 127 records: one page
+        await j.mark_node(ino)
+    assert os.path.getsize(path) == 4096
+    _fill(full_disk / "filler")
+    errors = []
+
+    async def mark(ino):
+        try:
+            with trio.fail_after(10):
+                await j.mark_data(ino, 0, 1)
+        except OSError as e:
+            errors.append(e.errno)
+    async with trio.open_nursery() as nursery:
+        for ino in (1000, 1000, 1001):          # two changes to one chunk, one to another
+            nursery.start_soon(mark, ino)
+    assert errors == [errno.ENOSPC] * 3
+    assert not j.dirty.chunks
+    assert os.path.getsize(path) == 4096       # no partial record left behind
+    os.unlink(full_disk / "filler")
+    await j.mark_data(1000, 0, 1)
+    j.close()
+    dirty = J.read(path)
+    assert dirty.everything and dirty.chunks == {1000: {0}} and dirty.nodes == set(range(127))
+
+
+async def test_changes_that_share_a_failed_flush_all_fail(full_disk):
+    """Two new marks queued while another flush runs go out in one batch; that batch
+    fails: both changes fail (before, the second spun forever on the event loop)."""
+    path = str(full_disk / "j")
+    j = J.Journal(path)
+    for ino in range(4096 // J.RECORD - 2):         # one record short of a page
+        await j.mark_node(ino)
+    entered, go = _held_write(j)
+    errors = []
+
+    async def mark(ino):
+        try:
+            with trio.fail_after(10):
+                await j.mark_data(ino, 0, 1)
+        except OSError as e:
+            errors.append(e.errno)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(j.mark_node, 500)        # fills the page: it fits
+        await trio.to_thread.run_sync(entered.wait, 30)
+        _fill(full_disk / "filler")
+        nursery.start_soon(mark, 1000)
+        nursery.start_soon(mark, 1001)
+        await trio.sleep(0.2)
+        go.set()
+    assert errors == [errno.ENOSPC] * 2
+    assert 500 in J.read(path).nodes and not j.dirty.chunks
