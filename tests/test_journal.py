@@ -4,6 +4,7 @@ makes the next reintegration miss a change (a torn tail is cut, a bad header mea
 
 import contextlib
 import errno
+import functools
 import os
 import subprocess
 import sys
@@ -189,6 +190,15 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
+async def _mark_or_fail(j, errors, ino):
+    """Mark a chunk of ino; keep the errno if it fails (it must not take 10 s)."""
+    try:
+        with trio.fail_after(10):
+            await j.mark_data(ino, 0, 1)
+    except OSError as e:
+        errors.append(e.errno)
+
+
 def _fill(path):
     with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
@@ -207,13 +217,7 @@ async def test_a_journal_write_failing_on_a_full_disk_fails_every_change_waiting
     assert os.path.getsize(path) == 4096
     _fill(full_disk / "filler")
     errors = []
-
-    async def mark(ino):
-        try:
-            with trio.fail_after(10):
-                await j.mark_data(ino, 0, 1)
-        except OSError as e:
-            errors.append(e.errno)
+    mark = functools.partial(_mark_or_fail, j, errors)
     async with trio.open_nursery() as nursery:
         for ino in (1000, 1000, 1001):          # two changes to one chunk, one to another
             nursery.start_soon(mark, ino)
@@ -236,13 +240,7 @@ async def test_changes_that_share_a_failed_flush_all_fail(full_disk):
         await j.mark_node(ino)
     entered, go = _held_write(j)
     errors = []
-
-    async def mark(ino):
-        try:
-            with trio.fail_after(10):
-                await j.mark_data(ino, 0, 1)
-        except OSError as e:
-            errors.append(e.errno)
+    mark = functools.partial(_mark_or_fail, j, errors)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(j.mark_node, 500)        # fills the page: it fits
         await trio.to_thread.run_sync(entered.wait, 30)
