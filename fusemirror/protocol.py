@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import operator
 import struct
 from dataclasses import dataclass
 
@@ -194,7 +195,7 @@ HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.CHALLENGE, Kind.AUTH, Kind.WELCOME
 REPLY_KINDS = frozenset({Kind.ACK, Kind.MANIFEST})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     kind: Kind
     seq: int
@@ -213,16 +214,21 @@ _BULK = frozenset({"data", "chunk"})
 class _Codec:
     """Packs and unpacks the payload of one message kind."""
 
-    __slots__ = ("names", "fixed", "var")
+    __slots__ = ("names", "fixed", "var", "_values")
 
     def __init__(self, schema):
         self.names = [n for n, k in schema if k != "b"]
         self.fixed = struct.Struct("<" + "".join(k for _, k in schema if k != "b"))
         self.var = [n for n, k in schema if k == "b"]
+        if len(self.names) > 1:
+            self._values = operator.itemgetter(*self.names)     # a tuple of the values
+        else:
+            names = self.names
+            self._values = lambda fields: tuple(fields[n] for n in names)
 
     def pack(self, fields: dict) -> list:
         try:
-            parts = [self.fixed.pack(*(fields[n] for n in self.names))]
+            parts = [self.fixed.pack(*self._values(fields))]
             for n in self.var:
                 v = fields[n]
                 parts.append(struct.pack("<I", len(v)))
@@ -255,6 +261,7 @@ class _Codec:
 
 
 _CODECS = {kind: _Codec(schema) for kind, schema in SCHEMAS.items()}
+_KIND_OF = {int(kind): kind for kind in Kind}
 
 
 def maybe_compress(data: bytes) -> bytes | None:
@@ -267,6 +274,11 @@ def maybe_compress(data: bytes) -> bytes | None:
         return None
     packed = lz4.block.compress(data)
     return packed if len(packed) < len(data) else None
+
+
+# Payloads up to this size are joined and hashed in one call with the header (cheaper than
+# a streaming hash for the small frames of namespace operations and acknowledgements).
+_SMALL = 16384
 
 
 class Prepared:
@@ -289,13 +301,19 @@ class Prepared:
         self.length = sum(len(p) for p in parts)
         if self.length > MAX_PAYLOAD:
             raise ValueError(f"payload of {self.length} bytes exceeds the {MAX_PAYLOAD} byte limit")
-        self.kind, self.flags, self.parts = kind, flags, parts
-        self._hash = xxhash.xxh3_64()
-        for p in parts:
-            self._hash.update(p)
+        self.kind, self.flags = kind, flags
+        if self.length <= _SMALL:
+            self.parts, self._hash = [b"".join(parts)], None
+        else:
+            self.parts, self._hash = parts, xxhash.xxh3_64()
+            for p in parts:
+                self._hash.update(p)
 
     def stamp(self, seq: int) -> list:
         head = HEADER.pack(MAGIC, FRAME_FORMAT, self.kind, self.flags, self.length, seq)
+        if self._hash is None:
+            payload = self.parts[0]
+            return [head + CHECKSUM.pack(xxhash.xxh3_64_intdigest(payload + head)), payload]
         h = self._hash.copy()
         h.update(head)
         return [head + CHECKSUM.pack(h.intdigest()), *self.parts]
@@ -311,7 +329,7 @@ def encode_bytes(kind: Kind, seq: int, fields: dict | None = None, *, compress: 
     return b"".join(encode(kind, seq, fields, compress=compress))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Header:
     kind: int
     flags: int
@@ -339,14 +357,17 @@ def parse_header(raw: bytes) -> Header:
 
 def decode_payload(header: Header, payload, version: int = PROTOCOL_MAX) -> Message:
     """Verify the checksum, decompress and unpack a frame's payload."""
-    h = xxhash.xxh3_64(payload)
-    h.update(header.raw)
-    if h.intdigest() != header.checksum:
+    if len(payload) <= _SMALL:
+        digest = xxhash.xxh3_64_intdigest(bytes(payload) + header.raw)
+    else:
+        h = xxhash.xxh3_64(payload)
+        h.update(header.raw)
+        digest = h.intdigest()
+    if digest != header.checksum:
         raise ChecksumError(f"checksum mismatch in frame seq={header.seq}")
-    try:
-        kind = Kind(header.kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message kind {header.kind}") from None
+    kind = _KIND_OF.get(header.kind)
+    if kind is None:
+        raise ProtocolError(f"unknown message kind {header.kind}")
     if kind not in KINDS_BY_VERSION.get(version, frozenset()):
         raise ProtocolError(f"message kind {kind.name} is not part of protocol version {version}")
     if header.flags & FLAG_LZ4:
