@@ -315,6 +315,52 @@ def test_a_file_handled_under_a_name_removed_since_is_compared_under_its_other(m
     pair.assert_identical()
 
 
+def test_a_file_requeued_by_a_removed_link_is_compared_under_the_link_it_keeps(make_pair):
+    """A file x with links a/x and y/x (y/x made while the peer was away, where the peer
+    has another, stale file). While the resync sends m/big, a third link a/x2 has a/
+    walked again later; so in y/ the peer gets a separate copy of x (the group is made
+    again when a/ comes back). While it sends z/big, the application rewrites x through
+    a/x (on the peer: only the copy at a/x), then removes a/x and a/x2: x is queued
+    again, by the descriptor of a name it no longer has. Before the fix the resync
+    probed that name, found nothing, and the peer kept its old copy at y/x while
+    counting as up to date (the busy-namespace test's intermittent failure)."""
+    pair = slow_resync_pair(make_pair)
+    os.makedirs(pair.primary.path("z"))
+    write(pair.primary.path("z", "big"), b"")
+    write(pair.primary.path("y", "x"), b"stale " * 1000)
+    pair.replica.stop()
+    write(pair.primary.path("a", "x"), b"first " * 1000)
+    os.unlink(pair.primary.path("y", "x"))
+    os.link(pair.primary.path("a", "x"), pair.primary.path("y", "x"))
+    for d in ("m", "z"):
+        write(pair.primary.path(d, "big"), os.urandom(4 << 20))
+    pair.mount_replica()
+    reconnect(pair)
+
+    def on_replica(*path, content) -> bool:
+        try:
+            with open(pair.replica.path(*path), "rb") as f:
+                return f.read() == content
+        except FileNotFoundError:
+            return False
+    # The resync walks a/, m/ (big sent at 1 MB/s), y/, z/ (the same), then what it queued.
+    wait_for(lambda: on_replica("a", "x", content=b"first " * 1000), timeout=30,
+             what="the resync to copy a/x")
+    os.link(pair.primary.path("a", "x"), pair.primary.path("a", "x2"))
+    wait_for(lambda: on_replica("y", "x", content=b"first " * 1000), timeout=30,
+             what="the resync to copy y/x")
+    assert link_of(pair.primary) == "resync", "the resync ended too early for this test"
+    with open(pair.primary.path("a", "x"), "r+b") as f:
+        f.truncate(0)
+        f.write(b"second " * 500)
+    os.unlink(pair.primary.path("a", "x"))
+    os.unlink(pair.primary.path("a", "x2"))
+    assert link_of(pair.primary) == "resync", "the resync ended too early for this test"
+    wait_resynced(pair)
+    assert on_replica("y", "x", content=b"second " * 500)
+    pair.assert_identical()
+
+
 def test_a_file_renamed_onto_a_stale_link_of_the_peer_does_not_overwrite_its_group(
         make_pair):
     """The peer has a stale third link y/b of the group a/g1, a/g2 (removed here while
