@@ -338,9 +338,10 @@ class Resync:
     def _ino(self, fd: int) -> int:
         return self.tree.ino_of(os.fstat(fd))
 
-    def _rel(self, fd: int) -> bytes:
+    def _rel(self, fd: int, other_link: bool = True) -> bytes:
         """fd's path relative to the root, as the peer resolves it; raises FileNotFoundError
-        when it has none (removed meanwhile)."""
+        when it has none (removed meanwhile). A file whose name fd was opened by is gone
+        but which keeps other links: one of those (other_link), else the removed name."""
         if fd == self.tree.root_fd:
             return b"."
         full = os.readlink(sysops.proc_path(fd).encode())
@@ -348,7 +349,7 @@ class Resync:
             st = os.fstat(fd)
             if st.st_nlink == 0:
                 raise FileNotFoundError(E.ENOENT, "removed")
-            if not stat.S_ISDIR(st.st_mode):
+            if other_link and not stat.S_ISDIR(st.st_mode):
                 return self._other_link(st)
         if full + b"/" == self._root:
             return b"."                     # another descriptor of the root (requeued)
@@ -358,16 +359,20 @@ class Resync:
 
     def _other_link(self, st: os.stat_result) -> bytes:
         """A file whose name this descriptor was opened by is gone, but which keeps other
-        links: one of those, from the names the mount knows (test_resync_under_a_busy_
-        namespace: the removed name was probed, the file counted as gone, and the peer
-        kept a stale copy under its other name). None known: this attempt ends, the next
-        one starts over from the directories."""
+        links: one of those, from the names the mount knows, or the link this resync
+        placed on the peer (test_resync_under_a_busy_namespace: the removed name was
+        probed, the file counted as gone, and the peer kept a stale copy under its other
+        link). FileNotFoundError when neither names it, as for a removed file."""
         ino = self.tree.ino_of(st)
         try:
             return self.tree.path(ino)
         except (NoSuchInode, FileNotFoundError):
-            raise ResyncFailed(f"inode {ino} lost the name it was found by, and none of its "
-                               f"{st.st_nlink} other link(s) is known") from None
+            pass
+        if ino in self._placed:
+            placed = self._placed_path(ino)
+            if placed is not None:
+                return placed
+        raise FileNotFoundError(E.ENOENT, f"none of the {st.st_nlink} other link(s) is known")
 
     def _at(self, fd: int):
         return lambda: self._rel(fd)
@@ -558,7 +563,7 @@ class Resync:
         gone (then it is placed anew)."""
         fd = self._placed[pino][0]
         try:
-            rel = self._rel(fd)
+            rel = self._rel(fd, other_link=False)
             here, now = os.fstat(fd), os.stat(rel, dir_fd=self.tree.root_fd,
                                               follow_symlinks=False)
         except OSError:
