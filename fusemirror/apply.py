@@ -152,11 +152,7 @@ class Applier:
 
     def _write(self, m):
         fd = self._handle(m.handle)
-        view = memoryview(m.data)
-        off = m.offset
-        while view:
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
+        _write_all(fd, memoryview(m.data), m.offset)
         sysops.set_times(fd, None, m.mtime)
         return [("data", os.fstat(fd).st_ino)]
 
