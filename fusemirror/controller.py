@@ -150,6 +150,10 @@ class Controller:
         self.script_failure = None
         self.app_started = False
         self.replicating = False          # the agents were connected to the peer as primary
+        # The agents were told they may acknowledge changes the peer does not get (role
+        # alone, or policy alone): only then do they need the lease's write deadline.
+        self._agents_alone = False
+        self._primary_since = 0.0          # when this node last became primary (trio time)
         self._nursery: trio.Nursery | None = None
         self._transition: trio.CancelScope | None = None
         self._checker_scope: trio.CancelScope | None = None
@@ -341,7 +345,10 @@ class Controller:
             guard = NO_GUARD
         checkers = self.checkers.views() if self.app_started else ()
         self.guard = guard
+        sent_after = self.heartbeats.peer_status_sent_after()
         return View(me=me, guard=guard, peer=self.peer, peer_alive=alive,
+                    peer_stale=(me.state.is_primary and sent_after is not None
+                                and sent_after < self._primary_since),
                     peer_silent_for=silent,
                     command=self.command.command if self.command else None,
                     running=self.running, script_failure=self.script_failure,
@@ -519,13 +526,14 @@ class Controller:
 
     async def _push_deadline(self) -> None:
         """The agents may acknowledge changes alone until the lease's end; without a
-        lease mode, or while every change waits for the SECOND, without limit. Pushes
+        lease mode, or while every change waits for the SECOND (policy block: it has the
+        change, or counts its copy out of date first), without limit. Pushes
         are serialised, the value taken once the previous one is done (two concurrent
         pushes could arrive in the other order)."""
         if self.lease is None:
             return
         async with self._deadline_lock:
-            alone = self.status.state.is_primary and not self.replicating
+            alone = self.status.state.is_primary and self._agents_alone
             deadline = self.lease.valid_until_monotonic if alone else None
             if deadline is not None and deadline == float("-inf"):
                 deadline = 0.0
@@ -580,6 +588,8 @@ class Controller:
             # before anything says so.
             await self._persist(uptodate=False)
         new = published(view, self.policy, d)
+        if new.state.is_primary and not self.status.state.is_primary:
+            self._primary_since = trio.current_time()
         if leaving:
             new = replace(new, uptodate=False)
         if (new.state, new.readiness, new.busy, new.vote, new.handing_over,
@@ -703,6 +713,7 @@ class Controller:
     async def _start_resync(self) -> None:
         if not await self._fence_peer():     # changes are acknowledged during the resync
             return
+        self._agents_alone = True
         errors = await self.agents.set_role(PRIMARY, policy="alone")
         if errors:
             log.warning("cannot resynchronise %s (%s); trying again in %g s",
@@ -849,6 +860,10 @@ class Controller:
                         "; ".join(errors))
             await self._agents_to(ALONE, lost=True)
             return
+        # Every change waits for the peer again, or for it to count its copy out of date
+        # (a resynchronisation): no lease is needed for that (the promotion of a first
+        # pairing, before the witness grants anything, made the application fail on EIO).
+        self._agents_alone = False
         links = [fa.link for fa in self.agents.folders]
         if all(k == "connected" for k in links):
             self.replicating = True
@@ -867,11 +882,15 @@ class Controller:
             self.replicating = False
         if role == ALONE and not await self._fence_peer():
             return          # the agents stay as they are: nothing is acknowledged alone
+        if role == ALONE:
+            self._agents_alone = True
         with self._step(f"agents to {role}"):
             errors = await self.agents.set_role(role, policy="alone" if role == ALONE
                                                 else "block", peer_lost=lost, fence=fence)
         if errors:
             log.error("agents to %s: %s", role, "; ".join(errors))
+        elif role != ALONE:
+            self._agents_alone = False
 
     async def _demote(self, hand_over: bool) -> None:
         what = "hand-over" if hand_over else "demotion"

@@ -173,6 +173,9 @@ class View:
     link_lost: bool = False                 # SECOND: no replication link from a primary that
                                             # is alive, for longer than it may take to notice
                                             # that the primary died
+    peer_stale: bool = False                # primary: the peer's status may have been sent
+                                            # before this node became primary (it was held
+                                            # up in the network): old news, not a split brain
 
 
 @dataclass(frozen=True)
@@ -473,10 +476,15 @@ def _fence(view, policy) -> Decision | None:
             # A split brain resolved in favour of the waiting node: step down for it.
             return _to(view, Action.FENCE, State.WAIT, NOT_READY,
                        f"stepped down: split brain resolved, {why}")
-    if p is not None and p.state.is_primary:
+    # A status sent before this node became primary (held up in the network) is old news:
+    # fencing on it made the node that had taken over a replica of a primary whose
+    # controller had just been killed, its acknowledged writes sent to quarantine (chaos
+    # seed 14). A status sent since, or silence, decides.
+    stale = p is not None and view.peer_stale and (p.state.is_primary or p.epoch > me.epoch)
+    if p is not None and p.state.is_primary and not stale:
         return _to(view, Action.FENCE, State.WAIT, NOT_READY, _split_brain(
             f"{p.name} is also primary ({p.state} at epoch {p.epoch}, this node {me.epoch})"))
-    if p is not None and p.epoch > me.epoch:
+    if p is not None and p.epoch > me.epoch and not stale:
         return _to(view, Action.FENCE, State.WAIT, NOT_READY, _split_brain(
             f"{p.name} holds epoch {p.epoch}, newer than this primary's {me.epoch}"))
     attached = p is not None and p.state is State.SECOND
@@ -484,6 +492,10 @@ def _fence(view, policy) -> Decision | None:
         return _to(view, Action.FENCE, State.WAIT, NOT_READY,
                    f"split-brain guard: {view.guard.reason}; stopped acknowledging writes "
                    f"because {_peer_phrase(view)}")
+    if stale:
+        return _stay(view, me.readiness, f"{p.name}'s status says {p.state} at epoch "
+                                         f"{p.epoch} but was sent before this node became "
+                                         f"primary: waiting for a newer one")
     return None
 
 

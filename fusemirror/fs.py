@@ -83,11 +83,14 @@ def _answer(fn):
         except ReadOnly:
             raise FUSEError(E.EROFS) from None
         except PastDeadline as e:
-            self.refused(fn.__name__, e)
+            self._refused(fn.__name__, f"the write deadline (the controller's lease) was "
+                                       f"{time.monotonic() - (self.write_deadline or 0):.2f} s "
+                                       f"ago, {e}")
             if e.applied:
                 self._forget_cached(fn.__name__, args)
             raise FUSEError(E.EIO) from None
-        except PeerError:
+        except PeerError as e:
+            self._refused(fn.__name__, f"the peer: {e}")
             self._forget_cached(fn.__name__, args)
             raise FUSEError(E.EIO) from None
         except NoSuchInode:
@@ -310,14 +313,14 @@ class MirrorFS(pyfuse3.Operations):
             if self.past_deadline():
                 raise PastDeadline(f"waited {DEADLINE_WAIT:.0f} s for a new one")
 
-    def refused(self, op: str, why: PastDeadline) -> None:
-        """Logs a change refused for the deadline: at most once a second, with a count."""
+    def _refused(self, op: str, why: str) -> None:
+        """Logs a change failed with EIO for the deadline or the peer: at most once a
+        second, with a count, so that the admin sees why the application got EIO."""
         self._refusals += 1
         now = time.monotonic()
         if now - self._refusal_logged >= 1.0:
-            log.warning("%s refused with EIO (%d since the last message): the write deadline "
-                        "(the controller's lease) was %.2f s ago, %s", op, self._refusals,
-                        now - (self.write_deadline or now), why)
+            log.warning("%s failed with EIO (%d since the last message) because of %s", op,
+                        self._refusals, why)
             self._refusal_logged, self._refusals = now, 0
 
     def past_deadline(self) -> bool:

@@ -276,6 +276,7 @@ class PeerTracker:
         self._echo: dict[int, tuple[bytes, int, int, int]] = {}
         self._status_seq = 0
         self.status: dict | None = None
+        self.status_sent_after: int | None = None   # see Heartbeats.peer_status_sent_after
 
     def receive(self, data: bytes, path: int, now: int) -> Verdict:
         """Judge a datagram that arrived on network `path` at `now` (ns). Never raises."""
@@ -304,12 +305,19 @@ class PeerTracker:
                 self._retired.append(self.boot)
             self.boot, self._confirmed_by, self._floor = hb.boot, e.seq, hb.seq
             self._highest, self._status_seq, self.status = {}, 0, None
+            self.status_sent_after = None
         elif hb.seq < self._floor or hb.seq <= self._highest.get(path, 0):
             raise Rejected(Reason.REPLAY, f"seq {hb.seq}")
         self._highest[path] = hb.seq
         self._echo[path] = (hb.boot, hb.seq, hb.sent, now)
         if hb.seq > self._status_seq:
             self._status_seq, self.status = hb.seq, hb.status
+            e = hb.echo
+            # The peer sent it no earlier than it received our datagram (sent at e.sent
+            # on our clock) plus how long it held that one: a bound that needs no clock
+            # agreement, only the peer's measure of a short interval.
+            self.status_sent_after = (e.sent + e.hold if e is not None and e.boot == self.our_boot
+                                      else None)
 
     def echo(self, path: int, now: int) -> Echo | None:
         """What to echo in the next datagram sent on `path` at `now` (ns)."""
@@ -407,6 +415,15 @@ class Heartbeats:
         """The last status the peer published, from its current boot, or None."""
         s = self._tracker.status
         return None if s is None else dict(s)
+
+    def peer_status_sent_after(self) -> float | None:
+        """A time (trio.current_time()) before which the peer cannot have sent the status
+        peer_status() returns, or None when that status echoes nothing of ours. A status
+        held up in the network (queued for an ARP answer while a cable was out, say)
+        arrives long after it was true: chaos seed 14 took one sent by a controller just
+        killed for news, and fenced the node that had taken over."""
+        t = self._tracker.status_sent_after
+        return None if t is None else t / 1e9
 
     def rejected(self) -> dict[str, int]:
         """How many datagrams were refused, by Reason (its string value)."""

@@ -83,7 +83,8 @@ class Link(str, enum.Enum):
 
 class Pending:
     __slots__ = ("seq", "parts", "done", "errno", "lost", "chunks", "sent", "patient", "size",
-                 "mirror", "complete", "kind", "touched", "resync", "failed_here", "requeued")
+                 "mirror", "complete", "kind", "touched", "resync", "failed_here", "requeued",
+                 "alone")
 
     def __init__(self, seq: int, parts: list, size: int, mirror=None):
         self.mirror = mirror     # the link it was sent on (roles may change meanwhile)
@@ -102,6 +103,7 @@ class Pending:
         self.resync = False      # sent during a resynchronisation
         self.failed_here = 0     # the errno it failed with here (set before its answer)
         self.requeued = False    # its failure there was handed to the running resync
+        self.alone = False       # given up under policy alone: it goes on without the peer
 
 
 class Mirror:
@@ -381,13 +383,17 @@ class Mirror:
         """The peer's copy is no longer good: record it durably (and what it may lack),
         then release waiters (unless `release` is False: on a live link, their
         acknowledgements still come)."""
+        # The policy when the peer was given up decides for what waits then, even if the
+        # controller changes it meanwhile (to block: they failed with EIO after they had
+        # been recorded as going on alone; found by a full-disk test).
+        alone = self.policy == Policy.ALONE
         try:
             await self._journal([p for p in self._pending.values()
                                  if not p.patient and p.kind not in _NOT_CHANGES])
             await trio.to_thread.run_sync(self.state.mark_peer_outdated, reason)
             # what was in flight is journaled: a crash from now on loses no record of it
             await trio.to_thread.run_sync(self.state.mark_acting, False)
-            if self.policy == Policy.ALONE and any(
+            if alone and any(
                     not p.patient and p.kind not in _NOT_CHANGES for p in self._pending.values()):
                 # what waits is acknowledged without the peer
                 await trio.to_thread.run_sync(self.state.mark_changed_alone)
@@ -396,9 +402,9 @@ class Mirror:
             # good: refuse writes instead, whatever the policy.
             log.critical("cannot record that the peer is out of date (%s): refusing writes", e)
             self.policy = Policy.BLOCK
+            alone = False
         log.error("PEER OUT OF DATE: %s; the mount goes on %s", reason,
-                  "alone, recording what changes" if self.policy == Policy.ALONE
-                  else "refusing writes (policy block)")
+                  "alone, recording what changes" if alone else "refusing writes (policy block)")
         if self._fs is None:
             self._set(Link.CLOSED if self.policy == Policy.ALONE else Link.OUTDATED)
         else:
@@ -406,12 +412,12 @@ class Mirror:
         if self.on_outdated is not None:
             self.on_outdated()          # may start a resynchronisation at once
         if release or self._fs is None:
-            self._release_all()
+            self._release_all(alone)
 
-    def _release_all(self) -> None:
+    def _release_all(self, alone: bool = False) -> None:
         for seq in sorted(self._pending):
             p = self._pending.pop(seq)
-            p.lost = True
+            p.lost, p.alone = True, alone
             p.done.set()
             self._window.release(p.size)
 
@@ -483,7 +489,8 @@ class Mirror:
                     with trio.move_on_after(until - now):
                         await self._changed.wait()
                     continue
-            raise PeerError("peer out of date")
+            raise PeerError(f"it is out of date and the link is {self.link.value} "
+                            f"(policy {self.policy.value})")
 
     async def begin(self, kind: P.Kind, fields: dict, *, compress: bool = False,
                     patient: bool = False) -> Pending | None:
@@ -577,9 +584,13 @@ class Mirror:
             if self.policy == Policy.BLOCK:
                 raise PeerBehind(os.strerror(p.errno), journaled)
             return False
+        if p.lost and p.alone:
+            return False            # the peer was given up under policy alone (see _outdate)
         if p.lost:
-            if self.policy == Policy.BLOCK and not p.resync:
-                raise PeerError("peer lost")
+            # Under block, only a peer that counted its copy out of date before this change
+            # (its resynchronisation's RESYNC_BEGIN acknowledged) may go without it.
+            if self.policy == Policy.BLOCK and not (p.resync and p.seq > self._peer_outdated_from):
+                raise PeerError("the link was lost before it answered (policy block)")
             return False            # a peer being resynchronised is out of date anyway
         return True
 
@@ -597,7 +608,9 @@ class Mirror:
                 if self.policy == Policy.ALONE:
                     return False
                 await self._changed.wait()
-        raise PeerError(why)
+        raise PeerError(f"{why}; the link closed before a resynchronisation ended"
+                        if self.link == Link.CLOSED else
+                        f"{why}; no resynchronisation ended within {self.timeout:g} s")
 
     async def unsent(self, why: str) -> bool:
         """A change made here for the peer that begin() no longer took (the peer was

@@ -381,6 +381,25 @@ CASES = [
          view(me(ALONE, diverged=True), peer(ALONE, epoch=6, last_primary=B, diverged=True)),
          Action.FENCE, WAIT, NOT_READY,
          "split brain: beta is also primary (ALONE at epoch 6, this node 5)" + SB),
+    case("alone: a status saying the peer is PRIM, sent before this node took over "
+         "(held up in the network; chaos seed 14) -> no fence, wait for a newer one",
+         view(me(ALONE, epoch=6), peer(PRIM), peer_stale=True),
+         Action.NOTHING, ALONE, READY,
+         "beta's status says PRIM at epoch 5 but was sent before this node became primary: "
+         "waiting for a newer one"),
+    case("prim: an old status with a newer epoch -> no fence either",
+         view(me(PRIM), peer(WAIT, epoch=7, last_primary=B), peer_stale=True),
+         Action.NOTHING, PRIM, READY,
+         "beta's status says WAIT at epoch 7 but was sent before this node became primary: "
+         "waiting for a newer one"),
+    case("alone: an old status, and the lease lost -> the guard fences all the same",
+         view(me(ALONE, epoch=6), peer(PRIM), peer_stale=True, guard=NOT_RENEWED),
+         Action.FENCE, WAIT, NOT_READY,
+         "split-brain guard: lease not renewed; stopped acknowledging writes because beta "
+         "left the mirror (PRIM)"),
+    case("alone: an old status of a peer that is not primary -> the usual rules",
+         view(me(ALONE), peer(WAIT, readiness=TRANSIENT), peer_stale=True),
+         Action.NOTHING, ALONE, READY, "running alone while beta is WAIT"),
     case("alone: forced by primforce, keeps running without the guard, loudly",
          view(me(ALONE, forced=True), guard=NO_WITNESS),
          Action.NOTHING, ALONE, READY,

@@ -239,6 +239,23 @@ def test_echo_reports_how_long_the_datagram_was_held():
     assert t.echo(1, 1_250) is None
 
 
+def test_the_status_is_known_to_be_sent_no_earlier_than_the_datagram_it_echoes_plus_its_hold():
+    """Seed 14: a status queued in the network while a cable was out arrived a second late;
+    its echo still bounds when it was made, whatever the two clocks say."""
+    t = tracker()
+    t.receive(encode(beat(1, echo=Echo(A_BOOT, 7, 40_000, 2_500)), SECRET), 0, 900_000)
+    assert t.status_sent_after == 42_500
+    # a datagram that echoes nothing of ours (or of another boot of ours) bounds nothing
+    t.receive(encode(beat(2, status={"n": 2}, echo=None), SECRET), 0, 900_000)
+    assert t.status == {"n": 2} and t.status_sent_after is None
+    t.receive(encode(beat(3, status={"n": 3}, echo=Echo(bytes(16), 7, 1, 1)), SECRET), 0, 0)
+    assert t.status_sent_after is None
+    # the bound goes with the status: an older seq on another network changes neither
+    t.receive(encode(beat(5, echo=Echo(A_BOOT, 8, 60_000, 0)), SECRET), 0, 0)
+    t.receive(encode(beat(4, path=1, echo=Echo(A_BOOT, 9, 90_000, 0)), SECRET), 1, 0)
+    assert t.status == STATUS and t.status_sent_after == 60_000
+
+
 # --- the service on loopback ---------------------------------------------------
 
 INTERVAL = 0.05
@@ -311,6 +328,10 @@ async def test_two_nodes_see_each_other_on_every_network(ports, autojump_clock):
             for p in paths:
                 assert p.age <= INTERVAL * 1.5
                 assert p.rtt is not None and 0 <= p.rtt < INTERVAL
+            # the last status was made within the last interval, on this node's clock
+            made = me.hb.peer_status_sent_after()
+            assert made is not None and trio.current_time() - 1.5 * INTERVAL <= made \
+                <= trio.current_time()
             # only the first datagrams, sent before the peer had heard us
             assert set(me.hb.rejected()) <= {"unconfirmed"}
             assert sum(me.hb.rejected().values()) <= 4
