@@ -562,6 +562,44 @@ def test_a_killed_controller_is_replaced_and_adopts_its_agent(cluster):
     assert not _lost(c, log)[1]
 
 
+def test_a_status_held_up_in_the_network_does_not_fence_the_node_that_took_over(cluster):
+    """Chaos seed 14: the primary's cable was pulled and its controller killed; beta took
+    over (lease mode). When the cable was back, alpha's last heartbeats, queued in its
+    kernel while it waited for an ARP answer, reached beta a second late saying "PRIM".
+    beta fenced itself as in a split brain, alpha's agent (primary still, its controller
+    dead) resynchronised it, and what beta had acknowledged went to its quarantine. Now
+    beta sees that the status was sent before it became primary and goes on; alpha's
+    controller, started again, follows beta and nothing beta acknowledged is lost."""
+    c = cluster(witness="lease")
+    c.start_witness()
+    _pair(c)
+    deadline = time.monotonic() + 10              # the witness grants nothing at first
+    while not c.state("alpha")["guard"]["ok"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    c.lab.hold("alpha")                           # what alpha sends from now waits
+    time.sleep(0.3)                               # a heartbeat or two saying "PRIM"
+    os.kill(c.daemons["alpha"].pid, signal.SIGKILL)     # the controller only
+    c.daemons["alpha"].wait(timeout=10)
+    c.wait_state("beta", "ALONE", timeout=20)
+    writer, log = c.client(duration=3, name="alone")
+    assert writer.wait(timeout=30) == 0
+    c.lab.undrop("alpha")                         # the queue goes out, a few seconds late
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        me = c.state("beta")["me"]
+        assert me["state"] == "ALONE", me
+        time.sleep(0.1)
+    with open(c.daemon_log("beta")) as f:
+        text = f.read()
+    assert "status says PRIM at epoch" in text and "split brain" not in text, text[-3000:]
+    c.start("alpha")
+    c.wait_state("beta", "PRIM", timeout=40)
+    c.wait_state("alpha", "SECOND", timeout=40)
+    acked, lost = _lost(c, log)
+    assert acked and not lost
+    _verify(c, "beta")
+
+
 def test_a_second_out_of_date_while_every_change_reaches_it_is_resynchronised(cluster):
     """beta's controller comes back believing its copy out of date (as after a promotion
     it saw before the new primary connected to it; chaos seed 12, fault 48), while its

@@ -263,10 +263,29 @@ class Lab:
         self.run(member, ["nft", "-f", "-"], input="\n".join(script) + "\n")
 
     def undrop(self, member: str) -> None:
-        """Remove every rule `drop` added in the member's namespace."""
+        """Remove every rule `drop` (and `hold`) added in the member's namespace."""
         p = self.run(member, ["nft", "list", "tables"])
-        if f"table inet {NFT_TABLE}" in p.stdout:
-            self.run(member, ["nft", "delete", "table", "inet", NFT_TABLE])
+        for family in ("inet", "arp"):
+            if f"table {family} {NFT_TABLE}" in p.stdout:
+                self.run(member, ["nft", "delete", "table", family, NFT_TABLE])
+
+    def hold(self, member: str, net: int | None = None) -> None:
+        """What the member sends waits in its kernel, and goes out late, all at once, on
+        `undrop`: its neighbour (ARP) cache is flushed and the ARP answers it gets are
+        dropped, so its packets queue while it keeps asking (every 100 ms, for up to
+        30 s; the kernel then drops them). That is how a cable put back delivered
+        heartbeats a second old (chaos seed 14). The queue holds about 200 small
+        packets; the oldest go first when it is full."""
+        script = [f"add table arp {NFT_TABLE}",
+                  f"add chain arp {NFT_TABLE} input "
+                  "{ type filter hook input priority 0 ; policy accept ; }"]
+        for i in self._nets(net):
+            self.run(member, ["ip", "ntable", "change", "name", "arp_cache", "dev", self.dev(i),
+                              "mcast_probes", "300", "retrans", "100"])
+            script.append(f"add rule arp {NFT_TABLE} input iifname \"{self.dev(i)}\" drop")
+        self.run(member, ["nft", "-f", "-"], input="\n".join(script) + "\n")
+        for i in self._nets(net):
+            self.run(member, ["ip", "neigh", "flush", "dev", self.dev(i)])
 
 
 def _stop(p: subprocess.Popen, grace: float = 3.0) -> None:
