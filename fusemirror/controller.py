@@ -524,6 +524,14 @@ class Controller:
                   "(%s)", self.peer_node.name, new, grant.describe() if grant else "no answer")
         return False
 
+    async def _let_agents_go_alone(self) -> None:
+        """Before the agents are told they may acknowledge changes alone: from now on
+        they get the lease's deadline, and they have it already (an agent started again
+        since the last push has none)."""
+        self._agents_alone = True
+        if self.lease is not None:
+            await self._push_deadline_now(self.lease.valid_until_monotonic)
+
     async def _push_deadline(self) -> None:
         """The agents may acknowledge changes alone until the lease's end; without a
         lease mode, or while every change waits for the SECOND (policy block: it has the
@@ -533,7 +541,8 @@ class Controller:
         if self.lease is None:
             return
         async with self._deadline_lock:
-            alone = self.status.state.is_primary and self._agents_alone
+            # (whatever the state: a fence whose switch to replica failed leaves them so)
+            alone = self._agents_alone
             deadline = self.lease.valid_until_monotonic if alone else None
             if deadline is not None and deadline == float("-inf"):
                 deadline = 0.0
@@ -713,7 +722,7 @@ class Controller:
     async def _start_resync(self) -> None:
         if not await self._fence_peer():     # changes are acknowledged during the resync
             return
-        self._agents_alone = True
+        await self._let_agents_go_alone()
         errors = await self.agents.set_role(PRIMARY, policy="alone")
         if errors:
             log.warning("cannot resynchronise %s (%s); trying again in %g s",
@@ -883,7 +892,7 @@ class Controller:
         if role == ALONE and not await self._fence_peer():
             return          # the agents stay as they are: nothing is acknowledged alone
         if role == ALONE:
-            self._agents_alone = True
+            await self._let_agents_go_alone()
         with self._step(f"agents to {role}"):
             errors = await self.agents.set_role(role, policy="alone" if role == ALONE
                                                 else "block", peer_lost=lost, fence=fence)

@@ -588,8 +588,15 @@ class MirrorFS(pyfuse3.Operations):
 
             def local():
                 fd = make_node(dfd, name, "file", mode=mode, flags=flags, uid=uid, gid=gid)
-                sysops.set_times(fd, None, now)
-                sysops.set_times(dfd, None, now)
+                try:
+                    sysops.set_times(fd, None, now)
+                    sysops.set_times(dfd, None, now)
+                except OSError:
+                    # failed here: not created here either (the peer's copy is undone)
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=dfd)
+                    raise
                 return fd
             fd = await self._both(replicate, K.CREATE, dict(
                 handle=fh, flags=flags, mode=mode, uid=uid, gid=gid, mtime=now, pmtime=now,
