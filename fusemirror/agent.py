@@ -182,10 +182,12 @@ class Agent:
         which resynchronises it at once."""
         async with self._lock:
             if mirror is not self.mirror or self.fs.role != PRIMARY:
+                mirror.relink_failed()
                 return
             try:
                 new = await self._connect_new_primary(mirror.peer)
             except X.Failure:
+                mirror.relink_failed()
                 return                      # logged; the controller or the admin goes on
             self.fs.pause()
             try:

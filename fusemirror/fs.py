@@ -337,9 +337,22 @@ class MirrorFS(pyfuse3.Operations):
         """The peer's half of an fsync: sent only by a primary with a good link, after
         any role switch in progress (an fsync is no change: it is never refused)."""
         await self._through_gate()
-        if self.role == PRIMARY and await self.mirror.ready():
+        if self.role == PRIMARY and await self._peer_ready():
             return await self._begin(self.mirror, kind, fields)
         return None
+
+    async def _peer_ready(self) -> bool:
+        """mirror.ready() for a change not made yet (here or there). One that waited on a
+        link that a new link to the same peer replaced (the peer came back without our
+        session: chaos seed 16, fault 50) asks the new link, once the switch is over."""
+        while True:
+            m = self.mirror
+            try:
+                return await m.ready()
+            except PeerError:
+                await self._through_gate()
+                if self.mirror is m or self.mirror is None or self.role != PRIMARY:
+                    raise
 
     @staticmethod
     async def _begin(m: Mirror, kind: K, fields: dict, **kw):
@@ -369,7 +382,7 @@ class MirrorFS(pyfuse3.Operations):
         if self.role == REPLICA:
             raise ReadOnly()
         replicate = (self.role != ALONE and self.mirror is not None
-                     and await self.mirror.ready())
+                     and await self._peer_ready())
         change = _CHANGE.get()
         if (self.journal is not None and change is not None
                 and (not replicate or self.state.get("peer_outdated"))):

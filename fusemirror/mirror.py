@@ -135,6 +135,7 @@ class Mirror:
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
+        self._relinking = False          # a new link to the peer is being made (on_back_outdated)
         self.on_failed = None            # resynchronisation: callable(pending) when the
         #                                  peer could not apply a change
         self.journal = None              # journal.Journal: what the peer may lack
@@ -332,6 +333,11 @@ class Mirror:
                 if p is not None:
                     p.done.set()  # nobody waits for a ping; its ack still proves liveness
 
+    def relink_failed(self) -> None:
+        """No new link replaces this one after all: what waits for it fails now."""
+        self._relinking = False
+        self._wake()
+
     def retire(self, retiring: bool = True) -> None:
         """While another link to the same peer is being set up, the peer may drop this
         one: that is not a loss (and must not start a reconnection)."""
@@ -435,6 +441,7 @@ class Mirror:
                 return
             if not welcome.resumed or not welcome.uptodate:
                 await fs.aclose()
+                self._relinking = self.on_back_outdated is not None
                 await self._outdate("the peer came back without our session"
                                     if not welcome.resumed else "the peer's copy is out of date")
                 if self.on_back_outdated is not None:
@@ -479,10 +486,12 @@ class Mirror:
                 continue
             if self.policy == Policy.ALONE:
                 return False
-            if link == Link.OUTDATED and self._fs is not None:
+            if link == Link.OUTDATED and (self._fs is not None or self._relinking):
                 # Policy block, the peer there but out of date (it could not apply a
-                # change): it is being resynchronised, or the controller is about to let
-                # changes go on without it. Wait for either, up to the timeout.
+                # change, or came back without our session and a new link is being made):
+                # it is being resynchronised, or the controller is about to let changes go
+                # on without it. Wait for either, up to the timeout (the caller asks the
+                # new link if this one is closed for it meanwhile).
                 now = time.monotonic()
                 until = now + self.timeout if until is None else until
                 if now < until:

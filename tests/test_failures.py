@@ -380,6 +380,29 @@ def _writer(path, count, queue):
         queue.put(e.errno)
 
 
+def test_a_change_waiting_for_a_replica_back_without_the_session_goes_on_the_new_link(
+        make_pair):
+    """Chaos seed 16, fault 50: the replica dropped the connection (a corrupted frame);
+    the primary, reconnecting, heard that its session was gone, marked the peer out of
+    date and made a new link that resynchronised it a few ms later. A change waiting for
+    the peer meanwhile failed with EIO (policy block). It now waits for the new link."""
+    pair = make_pair(policy="block", timeout=5.0).start()
+    write_sync(pair.primary.path("before"))
+    pair.replica.stop()                      # its session goes with its process
+    q = multiprocessing.Queue()
+    w = multiprocessing.Process(target=_writer, args=(pair.primary.path("g"), 3, q))
+    w.start()
+    time.sleep(1.0)
+    assert w.is_alive(), "the change did not wait for the peer"
+    pair.mount_replica()
+    w.join(30)
+    assert q.get(timeout=5) == 0
+    assert "the peer came back without our session" in pair.primary.log()
+    wait_for(lambda: pair.primary.status()["mirror"]["link"] == "connected", timeout=30,
+             what="the resynchronisation")
+    pair.assert_identical()
+
+
 def test_short_network_cut_resumes_without_loss(proxied):
     pair, proxy = proxied
     write_sync(pair.primary.path("f"))
