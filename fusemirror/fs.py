@@ -83,9 +83,9 @@ def _answer(fn):
         except ReadOnly:
             raise FUSEError(E.EROFS) from None
         except PastDeadline as e:
+            ago = time.monotonic() - (self.write_deadline or time.monotonic())
             self._refused(fn.__name__, f"the write deadline (the controller's lease) was "
-                                       f"{time.monotonic() - (self.write_deadline or 0):.2f} s "
-                                       f"ago, {e}")
+                                       f"{ago:.2f} s ago, {e}")
             if e.applied:
                 self._forget_cached(fn.__name__, args)
             raise FUSEError(E.EIO) from None

@@ -363,12 +363,7 @@ class Resync:
                 log.info("resynchronisation: inode %d is %d files on the peer: its %d "
                          "directories go again", pino, len(inos), len(dirs_of[pino]))
                 for path in dirs_of[pino].values():
-                    try:
-                        fd = sysops.open_beneath(self.tree.root_fd, path,
-                                                 os.O_PATH | os.O_DIRECTORY)
-                    except OSError:
-                        continue
-                    self._requeue(fd)
+                    self._requeue_path(path, count=True)
                 split = True
         return split
 
@@ -729,12 +724,12 @@ class Resync:
             return
         self._requeue(pfd)
 
-    def _requeue_path(self, path: bytes) -> None:
+    def _requeue_path(self, path: bytes, count: bool = False) -> None:
         try:
             fd = sysops.open_beneath(self.tree.root_fd, path, os.O_PATH | os.O_DIRECTORY)
         except OSError:
             return              # moved or removed: that change queued what it touched
-        self._requeue(fd, count=False)
+        self._requeue(fd, count)
 
     def _requeue(self, fd: int, count: bool = True) -> None:
         """The item of fd (a descriptor this call owns) goes again (count: as one more
