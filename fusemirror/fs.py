@@ -50,7 +50,13 @@ class ReadOnly(Exception):
 # The handlers whose success acknowledges a change (or its durability) to the application.
 _CHANGES = {"create", "write", "fsync", "fsyncdir", "setattr", "setxattr", "removexattr",
             "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename"}
+# The handlers that change nothing in the backing tree (but atimes): every other one
+# invalidates the kept directory listings (see MirrorFS.readdir).
+_READS = {"lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "statfs",
+          "getxattr", "listxattr", "read", "flush"}
 DEADLINE_WAIT = 5.0     # a change waits this long for a new write deadline, then fails
+# Entries of directory listings kept at most (about 300 bytes each).
+KEPT_ENTRIES = 100_000
 
 
 class PastDeadline(Exception):
@@ -64,9 +70,12 @@ class PastDeadline(Exception):
 
 def _answer(fn):
     change = fn.__name__ in _CHANGES
+    reads = fn.__name__ in _READS
 
     @functools.wraps(fn)
     async def handler(self, *args):
+        if not reads:
+            self.changes += 1       # before and after: a listing made meanwhile is not kept
         # Descriptors taken from self.tree stay open until this request ends.
         req = self.tree.op_begin()
         try:
@@ -100,6 +109,8 @@ def _answer(fn):
             raise FUSEError(E.EIO) from None
         finally:
             self.tree.op_end(req)
+            if not reads:
+                self.changes += 1
     return handler
 
 
@@ -111,10 +122,13 @@ class _File:
 
 
 class _Dir:
-    __slots__ = ("ino", "names")
+    """An open directory: its names as listed when it was read from the start, and
+    the attributes of those read so far, valid while MirrorFS.changes is `changes`."""
+
+    __slots__ = ("ino", "names", "attrs", "changes", "until")
 
     def __init__(self, ino):
-        self.ino, self.names = ino, None
+        self.ino, self.names, self.attrs, self.changes, self.until = ino, None, None, -1, 0.0
 
 
 THREADED_WRITE = 256 * 1024
@@ -276,6 +290,12 @@ class MirrorFS(pyfuse3.Operations):
         self.created: set[int] = set()    # inodes created since the peer fell behind
         self._unlocked = 0          # changes in progress that took no resync lock
         self._quiet = trio.Event()
+        # Bumped before and after every request that may change the tree (_answer).
+        self.changes = 0
+        # Complete directory listings kept while `changes` is _kept_at: directory inode
+        # -> (names, attributes, time.monotonic() until which they may be given).
+        self._kept: dict[int, tuple[list, list, float]] = {}
+        self._kept_at, self._kept_entries = 0, 0
 
     def _items(self, *inos, touch=(), extent=None, wide=False, mark=True) -> _Items:
         return _Items(self, inos, touch, extent, wide, mark)
@@ -294,6 +314,7 @@ class MirrorFS(pyfuse3.Operations):
     # --- role ----------------------------------------------------------------
     def set_role(self, role: str, mirror: Mirror | None) -> None:
         self.role, self.mirror = role, mirror
+        self.changes += 1           # a replica's tree changes under it: nothing kept holds
 
     def pause(self) -> None:
         """Hold every new change (they wait, they do not fail) during a role switch."""
@@ -516,21 +537,64 @@ class MirrorFS(pyfuse3.Operations):
 
     @_answer
     async def readdir(self, fh, start_id, token):
+        """The kernel always asks for the attributes with the names (pyfuse3 uses
+        READDIRPLUS), so a listing takes a stat of every entry: most of a `find` over
+        a large tree. On a primary or alone every change goes through this agent, so a
+        complete listing is kept and given again while no request that may change the
+        tree has run since, for at most cache_timeout (as long as the kernel keeps
+        attributes anyway; atimes the reads moved meanwhile are not seen, as in the
+        kernel's cache). A replica's tree changes under it: nothing is kept there."""
         d = self._dirs[fh]
         dfd = self.tree.fd(d.ino)
         if d.names is None or start_id == 0:
-            with sysops.reopened(dfd, directory=True) as rfd:
-                d.names = sorted(os.fsencode(n) for n in os.listdir(rfd))
+            self._list(d, dfd)
         for i in range(start_id, len(d.names)):
-            name = d.names[i]
+            name, attr = d.names[i], None
+            if d.changes == self.changes:
+                attr = d.attrs[i]
             try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                ino, st = self.tree.listed(d.ino, name, st)
+                if attr is None:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    attr = self._attr(self.tree.ino_of(st), st)
+                    if d.changes == self.changes:
+                        d.attrs[i] = attr
+                self.tree.listed(d.ino, name, attr)
             except FileNotFoundError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(ino, st), i + 1):
-                self.tree.forget(ino, 1)        # not given to the kernel after all
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                self.tree.forget(attr.st_ino, 1)        # not given to the kernel after all
                 break
+        else:
+            self._keep(d)
+
+    def _list(self, d: _Dir, dfd: int) -> None:
+        if self._kept_at != self.changes:
+            self._kept.clear()
+            self._kept_at, self._kept_entries = self.changes, 0
+        kept = self._kept.get(d.ino)
+        if kept is not None and time.monotonic() < kept[2] and self.role != REPLICA:
+            d.names, d.attrs, d.until = kept
+            d.changes, d.until = self.changes, 0.0      # 0: it is kept already
+            return
+        d.until = time.monotonic() + self.cache_timeout
+        with sysops.reopened(dfd, directory=True) as rfd:
+            d.names = sorted(os.fsencode(n) for n in os.listdir(rfd))
+        d.attrs, d.changes = [None] * len(d.names), self.changes
+
+    def _keep(self, d: _Dir) -> None:
+        """d was listed to its end: keep it if nothing changed since it began."""
+        if d.changes != self.changes or not d.until or self.role == REPLICA:
+            return
+        if self._kept_at != self.changes:
+            self._kept.clear()
+            self._kept_at, self._kept_entries = self.changes, 0
+        old = self._kept.pop(d.ino, None)
+        self._kept_entries -= len(old[0]) if old is not None else 0
+        while self._kept and self._kept_entries + len(d.names) > KEPT_ENTRIES:
+            self._kept_entries -= len(self._kept.pop(next(iter(self._kept)))[0])
+        if len(d.names) <= KEPT_ENTRIES:
+            self._kept[d.ino] = (d.names, d.attrs, d.until)
+            self._kept_entries += len(d.names)
 
     @_answer
     async def releasedir(self, fh):

@@ -10,7 +10,9 @@ The kernel may know far more inodes than a process may hold descriptors (a `find
 over 50,000 files), so at most max_fds of them stay open, least recently used
 retired first. A retired inode keeps its file handle (name_to_handle_at(2)) and is
 reopened with open_by_handle_at(2) (root only: CAP_DAC_READ_SEARCH) when next used;
-if the file is gone meanwhile that fails with ESTALE. A retired descriptor is not
+if the file is gone meanwhile that fails with ESTALE. The handles of inodes the
+kernel forgot are remembered too (at most REMEMBERED of them): when the kernel drops
+its caches, the next listing of the tree need not take them again. A retired descriptor is not
 closed at once if a request took it (fd() notes which request in progress took
 what; op_begin and op_end bracket each one): the request may use it after an await,
 and its number must not name another file by then. It waits in a graveyard until
@@ -57,6 +59,8 @@ O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_PATH descriptors kept open at most; the environment variable FUSEMIRROR_MAX_FDS
 # overrides it (the tests use a small cap to retire descriptors early).
 MAX_FDS = 8192
+# Handles of forgotten inodes remembered at most (about 100 bytes each).
+REMEMBERED = 100_000
 
 
 def default_max_fds() -> int:
@@ -158,6 +162,8 @@ class Tree:
         # Retired descriptors that requests in progress still hold.
         self._graveyard: set[int] = set()
         self._pin_logged = False
+        # Handles of inodes the kernel forgot, oldest first (see listed).
+        self._remembered: dict[int, bytes] = {}
         # open_by_handle_at wants a real descriptor on the filesystem, not an O_PATH one.
         self._mount_fd: int | None = os.open(sysops.proc_path(root_fd),
                                              os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -280,14 +286,17 @@ class Tree:
             raise
         return self.adopt(fd, st, parent, name), st
 
-    def listed(self, parent: int, name: bytes, st: os.stat_result) -> tuple[int, os.stat_result]:
+    def listed(self, parent: int, name: bytes, st) -> tuple[int, os.stat_result]:
         """lookup() for an entry that a directory listing reports, with st taken by name
-        (not following a symlink): no descriptor is opened. An inode without one is
-        held by its file handle until a request uses it. Listing a large tree opened a
+        (not following a symlink; only its st_ino and st_mode are read, so the
+        attributes given to the kernel for it do too): no descriptor is opened. An
+        inode without one is held by its file handle until a request uses it. Listing a large tree opened a
         descriptor per entry, and retired another beyond max_fds. A retired inode keeps
         its handle (taking it again cost a third of a warm listing): if its number now
         names a new file, the old handle is stale, and the kernel, answered ESTALE,
-        looks the name up again, which takes a descriptor on the new file (_revive)."""
+        looks the name up again, which takes a descriptor on the new file (_revive).
+        So does an inode the kernel forgot, whose handle is remembered: taking them all
+        again was a third of listing a tree after the kernel dropped its caches."""
         ino = self.ino_of(st)
         node = self._nodes.get(ino)
         if node is not None:
@@ -295,7 +304,7 @@ class Tree:
                 self._lru.move_to_end(ino)
         else:
             dfd = self.fd(parent)
-            handle = self._handle(dfd, name)
+            handle = self._remembered.pop(ino, None) or self._handle(dfd, name)
             if handle is None:          # a mount inside the folder, or no handles at all
                 return self.lookup(parent, name)
             node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))
@@ -309,6 +318,7 @@ class Tree:
         ino = self.ino_of(st)
         node = self._nodes.get(ino)
         if node is None:
+            self._remembered.pop(ino, None)
             node = self._nodes[ino] = _Node(fd, stat.S_ISDIR(st.st_mode))
             self._open(ino, node, fd)
         elif node.fd is None:
@@ -344,6 +354,13 @@ class Tree:
             self._lru.pop(ino, None)
             if node.fd is not None:
                 self._bury(node.fd)
+            if node.handle is not None:
+                self._remember(ino, node.handle)
+
+    def _remember(self, ino: int, handle: bytes) -> None:
+        if len(self._remembered) >= REMEMBERED:
+            del self._remembered[next(iter(self._remembered))]
+        self._remembered[ino] = handle
 
     def close(self) -> None:
         """Close every descriptor but the root's (the caller's); no request runs."""
@@ -354,6 +371,7 @@ class Tree:
             os.close(fd)
         self._graveyard.clear()
         self._lru.clear()
+        self._remembered.clear()
         self._nodes = {ROOT: self._nodes[ROOT]}
         if self._mount_fd is not None:
             os.close(self._mount_fd)

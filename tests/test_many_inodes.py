@@ -20,6 +20,7 @@ import pytest
 
 from conftest import Node, cli
 from fusemirror import journal
+from fusemirror import tree as tree_module
 from fusemirror.statefile import escape
 from fusemirror.tree import ROOT, NoName, Tree
 
@@ -218,6 +219,38 @@ def test_a_listed_name_gone_meanwhile_is_skipped_without_a_warning(walk, caplog)
         walk.tree.listed(ROOT, b"gone", st)
     assert not walk.tree.known(walk.tree.ino_of(st))
     assert "cannot be reopened by file handle" not in caplog.text
+
+
+def test_a_forgotten_inode_keeps_its_handle_for_the_next_listing(walk, monkeypatch):
+    """When the kernel drops its caches it forgets every inode; listing the tree again
+    takes no handle for those it had (a third of such a listing), and a remembered
+    handle whose number names a new file by then is stale and renewed like any other."""
+    os.makedirs(os.path.join(walk.base, "d"))
+    with open(os.path.join(walk.base, "d", "a"), "w") as f:
+        f.write("a")
+    d = walk.look("d")
+    st = os.stat(os.path.join(walk.base, "d", "a"), follow_symlinks=False)
+    a, _ = walk.tree.listed(d, b"a", st)
+    walk.tree.forget(a, 1)
+    assert not walk.tree.known(a)
+    taken = []
+    real = tree_module.file_handle
+    monkeypatch.setattr(tree_module, "file_handle", lambda *a: taken.append(a) or real(*a))
+    assert walk.tree.listed(d, b"a", st)[0] == a and not taken
+    assert walk.tree.path(a) == b"d/a" and walk.tree.stat(a).st_size == 1
+    walk.tree.forget(a, 1)
+
+    os.unlink(os.path.join(walk.base, "d", "a"))
+    with open(os.path.join(walk.base, "d", "new"), "w") as f:
+        f.write("new")
+    st = os.stat(os.path.join(walk.base, "d", "new"), follow_symlinks=False)
+    assert st.st_ino == a                   # ext4 gives the freed number out again
+    assert walk.tree.listed(d, b"new", st)[0] == a and not taken
+    with pytest.raises(OSError) as e:
+        walk.tree.stat(a)
+    assert e.value.errno == errno.ESTALE
+    assert walk.tree.lookup(d, b"new")[0] == a
+    assert walk.tree.stat(a).st_size == 3 and walk.tree.path(a) == b"d/new"
 
 
 def test_files_reopened_cold_are_named_by_their_aliases(walk):
