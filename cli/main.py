@@ -122,7 +122,7 @@ def spawn_agent(params: dict, wait: float) -> None:
 @click.option("--state-dir", default=DEFAULT_DIR, show_default=True)
 @click.option("--log-file", help="default /var/log/fusemirror/mount-<dir>.log")
 @click.option("--cache-timeout", type=float, default=10.0, show_default=True,
-              help="kernel attribute and entry cache lifetime")
+              help="kernel attribute and entry cache lifetime (also the agent's listings)")
 @click.option("--resync-rate", type=click.IntRange(0), default=0, metavar="BYTES",
               help="cap a resynchronisation's data at BYTES per second (0: no cap)")
 @click.option("--compress/--no-compress", default=True, show_default=True,

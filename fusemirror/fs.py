@@ -75,7 +75,7 @@ def _answer(fn):
     @functools.wraps(fn)
     async def handler(self, *args):
         if not reads:
-            self.changes += 1       # before and after: a listing made meanwhile is not kept
+            self.changing += 1      # nothing is kept or given again meanwhile (readdir)
         # Descriptors taken from self.tree stay open until this request ends.
         req = self.tree.op_begin()
         try:
@@ -110,6 +110,7 @@ def _answer(fn):
         finally:
             self.tree.op_end(req)
             if not reads:
+                self.changing -= 1
                 self.changes += 1
     return handler
 
@@ -123,7 +124,8 @@ class _File:
 
 class _Dir:
     """An open directory: its names as listed when it was read from the start, and
-    the attributes of those read so far, valid while MirrorFS.changes is `changes`."""
+    the attributes of those read so far, valid while MirrorFS.changes is `changes` and
+    no change is in progress."""
 
     __slots__ = ("ino", "names", "attrs", "changes", "until")
 
@@ -290,8 +292,8 @@ class MirrorFS(pyfuse3.Operations):
         self.created: set[int] = set()    # inodes created since the peer fell behind
         self._unlocked = 0          # changes in progress that took no resync lock
         self._quiet = trio.Event()
-        # Bumped before and after every request that may change the tree (_answer).
-        self.changes = 0
+        # Requests that may change the tree in progress, and how many have ended (_answer).
+        self.changing, self.changes = 0, 0
         # Complete directory listings kept while `changes` is _kept_at: directory inode
         # -> (names, attributes, time.monotonic() until which they may be given).
         self._kept: dict[int, tuple[list, list, float]] = {}
@@ -541,7 +543,7 @@ class MirrorFS(pyfuse3.Operations):
         READDIRPLUS), so a listing takes a stat of every entry: most of a `find` over
         a large tree. On a primary or alone every change goes through this agent, so a
         complete listing is kept and given again while no request that may change the
-        tree has run since, for at most cache_timeout (as long as the kernel keeps
+        tree has run since or runs now, for at most cache_timeout (as long as the kernel keeps
         attributes anyway; atimes the reads moved meanwhile are not seen, as in the
         kernel's cache). A replica's tree changes under it: nothing is kept there."""
         d = self._dirs[fh]
@@ -550,29 +552,37 @@ class MirrorFS(pyfuse3.Operations):
             self._list(d, dfd)
         for i in range(start_id, len(d.names)):
             name, attr = d.names[i], None
-            if d.changes == self.changes:
+            valid = self._unchanged(d.changes)
+            if valid:
                 attr = d.attrs[i]
             try:
                 if attr is None:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     attr = self._attr(self.tree.ino_of(st), st)
-                    if d.changes == self.changes:
+                    # What another filesystem mounted inside shows may change without us.
+                    if valid and st.st_dev == self.tree.root_dev:
                         d.attrs[i] = attr
-                self.tree.listed(d.ino, name, attr)
+                ino, st = self.tree.listed(d.ino, name, attr)
             except FileNotFoundError:
                 continue
+            if st is not attr:                  # looked up instead (no handle): as it is now
+                attr = self._attr(ino, st)
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
-                self.tree.forget(attr.st_ino, 1)        # not given to the kernel after all
+                self.tree.forget(ino, 1)        # not given to the kernel after all
                 break
         else:
             self._keep(d)
 
-    def _list(self, d: _Dir, dfd: int) -> None:
+    def _unchanged(self, changes: int) -> bool:
+        """Nothing that may change the tree has run since `changes`, nor runs now."""
         if self._kept_at != self.changes:
             self._kept.clear()
             self._kept_at, self._kept_entries = self.changes, 0
-        kept = self._kept.get(d.ino)
-        if kept is not None and time.monotonic() < kept[2] and self.role != REPLICA:
+        return changes == self.changes and not self.changing and self.role != REPLICA
+
+    def _list(self, d: _Dir, dfd: int) -> None:
+        kept = self._kept.get(d.ino) if self._unchanged(self.changes) else None
+        if kept is not None and time.monotonic() < kept[2]:
             d.names, d.attrs, d.until = kept
             d.changes, d.until = self.changes, 0.0      # 0: it is kept already
             return
@@ -583,18 +593,15 @@ class MirrorFS(pyfuse3.Operations):
 
     def _keep(self, d: _Dir) -> None:
         """d was listed to its end: keep it if nothing changed since it began."""
-        if d.changes != self.changes or not d.until or self.role == REPLICA:
+        if (not self._unchanged(d.changes) or not d.until or self.cache_timeout <= 0
+                or len(d.names) > KEPT_ENTRIES):
             return
-        if self._kept_at != self.changes:
-            self._kept.clear()
-            self._kept_at, self._kept_entries = self.changes, 0
         old = self._kept.pop(d.ino, None)
         self._kept_entries -= len(old[0]) if old is not None else 0
         while self._kept and self._kept_entries + len(d.names) > KEPT_ENTRIES:
             self._kept_entries -= len(self._kept.pop(next(iter(self._kept)))[0])
-        if len(d.names) <= KEPT_ENTRIES:
-            self._kept[d.ino] = (d.names, d.attrs, d.until)
-            self._kept_entries += len(d.names)
+        self._kept[d.ino] = (d.names, d.attrs, d.until)
+        self._kept_entries += len(d.names)
 
     @_answer
     async def releasedir(self, fh):

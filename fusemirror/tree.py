@@ -296,7 +296,9 @@ class Tree:
         names a new file, the old handle is stale, and the kernel, answered ESTALE,
         looks the name up again, which takes a descriptor on the new file (_revive).
         So does an inode the kernel forgot, whose handle is remembered: taking them all
-        again was a third of listing a tree after the kernel dropped its caches."""
+        again was a third of listing a tree after the kernel dropped its caches. Only
+        for an st that has the folder's st_dev: another filesystem inside the folder
+        (a btrfs snapshot) may have a file of the same number."""
         ino = self.ino_of(st)
         node = self._nodes.get(ino)
         if node is not None:
@@ -304,7 +306,10 @@ class Tree:
                 self._lru.move_to_end(ino)
         else:
             dfd = self.fd(parent)
-            handle = self._remembered.pop(ino, None) or self._handle(dfd, name)
+            handle = None
+            if getattr(st, "st_dev", None) == self.root_dev:     # not another filesystem's
+                handle = self._remembered.pop(ino, None)
+            handle = handle or self._handle(dfd, name)
             if handle is None:          # a mount inside the folder, or no handles at all
                 return self.lookup(parent, name)
             node = self._nodes[ino] = _Node(None, stat.S_ISDIR(st.st_mode))

@@ -15,6 +15,8 @@ import stat
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from conftest import wait_for
 from fusemirror.fs import ALONE, PRIMARY, REPLICA, MirrorFS
@@ -135,6 +137,23 @@ async def test_a_listing_is_kept_until_a_request_may_change_the_tree(mirror_fs, 
     for mode in (0o604, 0o644):
         os.chmod(a, mode)
         assert (await modes(fs, monkeypatch))[b"a"] == mode
+
+
+async def test_nothing_is_kept_or_given_again_while_a_change_is_in_progress(mirror_fs,
+                                                                          monkeypatch):
+    """A change applied here may still wait for the peer: a listing made meanwhile
+    would be given again after the kernel got the new attributes some other way."""
+    fs, a = mirror_fs, os.path.join(mirror_fs.base, "a")
+    assert (await modes(fs, monkeypatch))[b"a"] == 0o644
+    fs.pause()                                   # changes wait at the gate, in progress
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.unlink, ROOT, b"b", None)
+        await trio.testing.wait_all_tasks_blocked()
+        for mode in (0o600, 0o640):
+            os.chmod(a, mode)
+            assert (await modes(fs, monkeypatch))[b"a"] == mode
+        fs.resume()
+    assert await modes(fs, monkeypatch) == {b"a": 0o640}
 
 
 async def test_a_kept_listing_is_not_given_after_the_cache_timeout(mirror_fs, monkeypatch):

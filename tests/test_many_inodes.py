@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import subprocess
+import types
 
 import pytest
 
@@ -239,6 +240,11 @@ def test_a_forgotten_inode_keeps_its_handle_for_the_next_listing(walk, monkeypat
     assert walk.tree.listed(d, b"a", st)[0] == a and not taken
     assert walk.tree.path(a) == b"d/a" and walk.tree.stat(a).st_size == 1
     walk.tree.forget(a, 1)
+    # The same number on another filesystem inside the folder is another file.
+    other = types.SimpleNamespace(st_ino=a, st_mode=st.st_mode, st_dev=st.st_dev + 1)
+    assert walk.tree.listed(d, b"a", other)[0] == a and len(taken) == 1
+    walk.tree.forget(a, 1)
+    taken.clear()
 
     os.unlink(os.path.join(walk.base, "d", "a"))
     with open(os.path.join(walk.base, "d", "new"), "w") as f:
