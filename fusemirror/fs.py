@@ -543,9 +543,10 @@ class MirrorFS(pyfuse3.Operations):
         READDIRPLUS), so a listing takes a stat of every entry: most of a `find` over
         a large tree. On a primary or alone every change goes through this agent, so a
         complete listing is kept and given again while no request that may change the
-        tree has run since or runs now, for at most cache_timeout (as long as the kernel keeps
-        attributes anyway; atimes the reads moved meanwhile are not seen, as in the
-        kernel's cache). A replica's tree changes under it: nothing is kept there."""
+        tree has run since or runs now, for at most cache_timeout (as long as the
+        kernel keeps attributes anyway; atimes the reads moved meanwhile are not seen,
+        as in the kernel's cache). A replica's tree changes under it: nothing is kept
+        there."""
         d = self._dirs[fh]
         dfd = self.tree.fd(d.ino)
         if d.names is None or start_id == 0:
@@ -574,7 +575,8 @@ class MirrorFS(pyfuse3.Operations):
             self._keep(d)
 
     def _unchanged(self, changes: int) -> bool:
-        """Nothing that may change the tree has run since `changes`, nor runs now."""
+        """Nothing that may change the tree has run since `changes`, nor runs now.
+        What was kept before the last change is dropped here."""
         if self._kept_at != self.changes:
             self._kept.clear()
             self._kept_at, self._kept_entries = self.changes, 0
@@ -583,7 +585,7 @@ class MirrorFS(pyfuse3.Operations):
     def _list(self, d: _Dir, dfd: int) -> None:
         kept = self._kept.get(d.ino) if self._unchanged(self.changes) else None
         if kept is not None and time.monotonic() < kept[2]:
-            d.names, d.attrs, d.until = kept
+            d.names, d.attrs, _ = kept
             d.changes, d.until = self.changes, 0.0      # 0: it is kept already
             return
         d.until = time.monotonic() + self.cache_timeout

@@ -12,15 +12,16 @@ retired first. A retired inode keeps its file handle (name_to_handle_at(2)) and 
 reopened with open_by_handle_at(2) (root only: CAP_DAC_READ_SEARCH) when next used;
 if the file is gone meanwhile that fails with ESTALE. The handles of inodes the
 kernel forgot are remembered too (at most REMEMBERED of them): when the kernel drops
-its caches, the next listing of the tree need not take them again. A retired descriptor is not
-closed at once if a request took it (fd() notes which request in progress took
-what; op_begin and op_end bracket each one): the request may use it after an await,
-and its number must not name another file by then. It waits in a graveyard until
-those requests have ended. So the graveyard holds only descriptors that requests in
-progress hold, a few each; a request waiting for the peer or the disk holds none,
-or just its parent directory's, and a `find` meanwhile retires and closes thousands.
-Inodes without a usable handle (a filesystem without export support, another mount
-under the folder) keep their descriptor as long as the kernel knows them.
+its caches, the next listing of the tree need not take them again. A retired
+descriptor is not closed at once if a request took it (fd() notes which request in
+progress took what; op_begin and op_end bracket each one): the request may use it
+after an await, and its number must not name another file by then. It waits in a
+graveyard until those requests have ended. So the graveyard holds only descriptors
+that requests in progress hold, a few each; a request waiting for the peer or the
+disk holds none, or just its parent directory's, and a `find` meanwhile retires and
+closes thousands. Inodes without a usable handle (a filesystem without export
+support, another mount under the folder) keep their descriptor as long as the kernel
+knows them.
 
 An open descriptor keeps its backing inode alive; a retired one does not, so the
 number of a deleted file may come back for a new one. So a retired inode looked up
@@ -288,17 +289,18 @@ class Tree:
 
     def listed(self, parent: int, name: bytes, st) -> tuple[int, os.stat_result]:
         """lookup() for an entry that a directory listing reports, with st taken by name
-        (not following a symlink; only its st_ino and st_mode are read, so the
-        attributes given to the kernel for it do too): no descriptor is opened. An
-        inode without one is held by its file handle until a request uses it. Listing a large tree opened a
-        descriptor per entry, and retired another beyond max_fds. A retired inode keeps
-        its handle (taking it again cost a third of a warm listing): if its number now
-        names a new file, the old handle is stale, and the kernel, answered ESTALE,
-        looks the name up again, which takes a descriptor on the new file (_revive).
-        So does an inode the kernel forgot, whose handle is remembered: taking them all
-        again was a third of listing a tree after the kernel dropped its caches. Only
-        for an st that has the folder's st_dev: another filesystem inside the folder
-        (a btrfs snapshot) may have a file of the same number."""
+        (not following a symlink; only its st_ino, st_mode and st_dev if it has one are
+        read, so the attributes given to the kernel for it do too): no descriptor is
+        opened. An inode without one is held by its file handle until a request uses it.
+        Listing a large tree opened a descriptor per entry, and retired another beyond
+        max_fds. A retired inode keeps its handle (taking it again cost a third of a
+        warm listing): if its number now names a new file, the old handle is stale, and
+        the kernel, answered ESTALE, looks the name up again, which takes a descriptor
+        on the new file (_revive). So does an inode the kernel forgot, whose handle is
+        remembered: taking them all again was a third of listing a tree after the kernel
+        dropped its caches. Only for an st that has the folder's st_dev: another
+        filesystem inside the folder (a btrfs snapshot) may have a file of the same
+        number."""
         ino = self.ino_of(st)
         node = self._nodes.get(ino)
         if node is not None:
