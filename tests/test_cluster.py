@@ -916,9 +916,10 @@ def test_lease_mode_a_stale_second_never_replaces_a_primary_that_wrote_alone(clu
 
 
 @pytest.fixture
-def small_disk():
+def small_disk(scratch):
     """tmpfs mounts made by a test: set up before the cluster (ask for it first), so that
-    they are unmounted only after the cluster is closed."""
+    they are unmounted only after the cluster is closed, and before the scratch folder is
+    removed (through them, it left their empty mount points behind)."""
     mounted = []
 
     def make(path: str, size: str) -> None:
