@@ -112,6 +112,8 @@ def _answer(fn):
             if not reads:
                 self.changing -= 1
                 self.changes += 1
+                if self._kept:
+                    self._drop_kept()
     return handler
 
 
@@ -294,10 +296,10 @@ class MirrorFS(pyfuse3.Operations):
         self._quiet = trio.Event()
         # Requests that may change the tree in progress, and how many have ended (_answer).
         self.changing, self.changes = 0, 0
-        # Complete directory listings kept while `changes` is _kept_at: directory inode
+        # Complete directory listings kept since the last change ended: directory inode
         # -> (names, attributes, time.monotonic() until which they may be given).
         self._kept: dict[int, tuple[list, list, float]] = {}
-        self._kept_at, self._kept_entries = 0, 0
+        self._kept_entries = 0
 
     def _items(self, *inos, touch=(), extent=None, wide=False, mark=True) -> _Items:
         return _Items(self, inos, touch, extent, wide, mark)
@@ -317,6 +319,7 @@ class MirrorFS(pyfuse3.Operations):
     def set_role(self, role: str, mirror: Mirror | None) -> None:
         self.role, self.mirror = role, mirror
         self.changes += 1           # a replica's tree changes under it: nothing kept holds
+        self._drop_kept()
 
     def pause(self) -> None:
         """Hold every new change (they wait, they do not fail) during a role switch."""
@@ -551,9 +554,9 @@ class MirrorFS(pyfuse3.Operations):
         dfd = self.tree.fd(d.ino)
         if d.names is None or start_id == 0:
             self._list(d, dfd)
+        valid = self._unchanged(d.changes)     # no await below: it holds for this call
         for i in range(start_id, len(d.names)):
             name, attr = d.names[i], None
-            valid = self._unchanged(d.changes)
             if valid:
                 attr = d.attrs[i]
             try:
@@ -575,18 +578,18 @@ class MirrorFS(pyfuse3.Operations):
             self._keep(d)
 
     def _unchanged(self, changes: int) -> bool:
-        """Nothing that may change the tree has run since `changes`, nor runs now.
-        What was kept before the last change is dropped here."""
-        if self._kept_at != self.changes:
-            self._kept.clear()
-            self._kept_at, self._kept_entries = self.changes, 0
+        """Nothing that may change the tree has run since `changes`, nor runs now."""
         return changes == self.changes and not self.changing and self.role != REPLICA
+
+    def _drop_kept(self) -> None:
+        self._kept.clear()
+        self._kept_entries = 0
 
     def _list(self, d: _Dir, dfd: int) -> None:
         kept = self._kept.get(d.ino) if self._unchanged(self.changes) else None
         if kept is not None and time.monotonic() < kept[2]:
-            d.names, d.attrs, _ = kept
-            d.changes, d.until = self.changes, 0.0      # 0: it is kept already
+            d.names, d.attrs, d.until = kept
+            d.changes = self.changes
             return
         d.until = time.monotonic() + self.cache_timeout
         with sysops.reopened(dfd, directory=True) as rfd:
@@ -595,11 +598,14 @@ class MirrorFS(pyfuse3.Operations):
 
     def _keep(self, d: _Dir) -> None:
         """d was listed to its end: keep it if nothing changed since it began."""
-        if (not self._unchanged(d.changes) or not d.until or self.cache_timeout <= 0
+        if (not self._unchanged(d.changes) or self.cache_timeout <= 0
                 or len(d.names) > KEPT_ENTRIES):
             return
-        old = self._kept.pop(d.ino, None)
-        self._kept_entries -= len(old[0]) if old is not None else 0
+        old = self._kept.get(d.ino)
+        if old is not None and old[0] is d.names:       # given from what was kept
+            return
+        if old is not None:
+            self._kept_entries -= len(self._kept.pop(d.ino)[0])
         while self._kept and self._kept_entries + len(d.names) > KEPT_ENTRIES:
             self._kept_entries -= len(self._kept.pop(next(iter(self._kept)))[0])
         self._kept[d.ino] = (d.names, d.attrs, d.until)
