@@ -365,6 +365,7 @@ class Tree:
                 self._remember(ino, node.handle)
 
     def _remember(self, ino: int, handle: bytes) -> None:
+        self._remembered.pop(ino, None)         # to the end, and no other one dropped for it
         if len(self._remembered) >= REMEMBERED:
             del self._remembered[next(iter(self._remembered))]
         self._remembered[ino] = handle
