@@ -74,10 +74,12 @@ def test_a_pair_elects_a_primary_and_replicates_through_the_vip(cluster):
     c = cluster()
     _pair(c)
     assert c.has_vip("alpha") and not c.has_vip("beta")
-    writer, log = c.client(duration=2)
-    assert writer.wait(timeout=30) == 0
+    # A fixed number of records rather than a rate: a slow host takes longer, the
+    # check does not change. A request may time out (1 s) on a loaded host; most can't.
+    writer, log = c.client(duration=30, count=30)
+    assert writer.wait(timeout=60) == 0
     acked, lost = _lost(c, log)
-    assert len(acked) > 20 and not lost
+    assert len(acked) >= 25 and not lost
     assert control.request(os.path.realpath(c.folder("alpha")), {"cmd": "verify"},
                            timeout=60, run_dir=c.run_dir)["differences"] == []
 
