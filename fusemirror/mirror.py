@@ -657,10 +657,11 @@ class Mirror:
             await self._pending[max(self._pending)].done.wait()
 
     async def drain(self) -> None:
-        """Wait until every operation sent so far is acknowledged (or given up)."""
-        while self._pending:
-            last = max(self._pending)
-            await self._pending[last].done.wait()
+        """Wait until every operation sent so far is acknowledged (or given up). A PING,
+        which nobody waits for (its event is set when sent), is not waited for: the loop
+        spun on it until its answer came, or the timeout on a dead link."""
+        while waiting := [seq for seq, p in self._pending.items() if not p.done.is_set()]:
+            await self._pending[max(waiting)].done.wait()
 
     async def close(self, drain: bool = True) -> bool:
         """Say goodbye and close. With drain, first wait (up to the timeout) for what is

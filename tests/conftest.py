@@ -258,22 +258,41 @@ class Pair:
         self.replica.close()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember each phase's report on the test, for fixtures that act on a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
 def scratch(request):
     base = tempfile.mkdtemp(prefix="fusemirror-test.", dir=SCRATCH_ROOT)
     os.chmod(base, 0o755)
     yield base
+    failed = getattr(request.node, "report_call", None)
     if os.environ.get("FUSEMIRROR_KEEP_LOGS"):
         _print_logs(base)
+    elif failed is not None and failed.failed:
+        # A failure on CI leaves nothing else to look at: the end of every log the
+        # test's agents and daemons wrote goes into the test's report.
+        _print_logs(base, last=LOG_LINES_ON_FAILURE)
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _print_logs(base: str) -> None:
+LOG_LINES_ON_FAILURE = 120
+
+
+def _print_logs(base: str, last: int | None = None) -> None:
     for dirpath, _, files in os.walk(base):
-        for name in files:
-            if name.endswith(".log"):
-                with open(os.path.join(dirpath, name)) as f:
-                    print(f"--- {os.path.join(dirpath, name)}\n{f.read()}")
+        for name in sorted(files):
+            if name.endswith((".log", ".stderr", ".out")):
+                with open(os.path.join(dirpath, name), errors="replace") as f:
+                    lines = f.readlines()
+                shown = lines if last is None else lines[-last:]
+                print(f"--- {os.path.join(dirpath, name)} ({len(shown)} of {len(lines)} lines)")
+                print("".join(shown), end="")
 
 
 @pytest.fixture

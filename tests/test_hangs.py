@@ -7,6 +7,7 @@ import sys
 import time
 
 from conftest import abort_fuse, cli, wait_for
+from fusemirror import control
 
 
 def _spawn(code: str) -> subprocess.Popen:
@@ -113,3 +114,31 @@ def test_op_waiting_for_window_when_peer_lost_is_answered(make_pair):
             abort_fuse(pair.primary.dir)
             mk.kill()
             mk.wait(10)
+
+
+
+def test_a_peer_declared_lost_is_not_waited_for_on_the_switch_to_alone(make_pair):
+    """CI finding: the controller decided the peer was gone (its replication network cut)
+    and switched the agent to alone with peer_lost. The agent released what waited for
+    the peer (here, the idle link's PING) and, the peer now out of date, started a
+    resynchronisation at once; the switch then stopped it and closed the link, waiting
+    the whole timeout for the resync's first request, which nobody would answer, while
+    every change was held: a 10 s outage instead of a fraction of a second."""
+    pair = make_pair(policy="block", timeout=10.0).start()
+    with open(pair.primary.path("before"), "w") as f:
+        f.write("replicated")
+    pair.replica.kill(signal.SIGSTOP)       # no acknowledgement from now on
+    try:
+        time.sleep(1.5)                     # the idle link's PING waits for its answer
+        started = time.monotonic()
+        control.request(pair.primary.dir, {"cmd": "role", "role": "alone", "policy": "alone",
+                                           "peer_lost": True}, timeout=30)
+        took = time.monotonic() - started
+        mk = _spawn(f"import os; os.mkdir({pair.primary.path('after')!r})")
+        changed = _finished_within(mk, 5)
+        assert took < 3, f"the switch to alone took {took:.1f} s"
+        assert changed and mk.returncode == 0
+        status = pair.primary.status()
+        assert status["role"] == "alone" and status["state"]["peer_outdated"]
+    finally:
+        pair.replica.kill(signal.SIGCONT)
