@@ -453,7 +453,19 @@ class MirrorFS(pyfuse3.Operations):
             for kind, fields in undo:
                 await mirror.call(kind, fields)
         except PeerError:
-            await mirror.diverged(reason)
+            await self._diverged(mirror, reason)
+
+    async def _diverged(self, mirror: Mirror, reason: str) -> None:
+        """The peer applied a change that failed here, and it could not be undone there:
+        what the change touched is journaled, and handled again by a running resync,
+        before the peer is marked out of date. (Nothing was journaled before: the resync
+        that followed, from the journal, never looked at the item, and the peer, counted
+        as up to date, lacked a file whose unlink had been refused here.)"""
+        await self._journal_given_up()
+        change = _CHANGE.get()
+        if self.resync is not None and change is not None:
+            self.resync.touched(change.inos + change.touch, failed=True)
+        await mirror.diverged(reason)
 
     def _forget_cached(self, op: str, args: tuple) -> None:
         """A change answered EIO may have been applied here all the same (the peer or the
@@ -809,8 +821,8 @@ class MirrorFS(pyfuse3.Operations):
                 with sysops.reopened(f.fd) as rfd:
                     data = os.pread(rfd, length, off)
         except OSError as e:
-            await self.mirror.diverged(f"cannot read back a failed write to repair the "
-                                       f"peer's copy: {e.strerror}")
+            await self._diverged(self.mirror, f"cannot read back a failed write to repair "
+                                              f"the peer's copy: {e.strerror}")
             return
         if data:
             await self.mirror.call(K.WRITE, dict(handle=fh, offset=off, mtime=st.st_mtime_ns,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextvars
 import enum
+import errno as E
 import logging
 import os
 import time
@@ -132,6 +133,8 @@ class Mirror:
         #                                   operation after this one (the running resync's
         #                                   RESYNC_BEGIN)
         self._resynced_upto = 0          # the resynchronisations begun when one ended
+        self._spoiled = False            # a change made the copies differ during the running
+        #                                  resync: its next RESYNC_DONE does not count
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
@@ -272,7 +275,13 @@ class Mirror:
                 p.requeued = True
                 self.on_failed(p)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
-                self._resynced()
+                if self._spoiled:
+                    # A change refused here after the peer applied it (see diverged): the
+                    # resync goes on, with its items queued, and asks again.
+                    self._spoiled = False
+                    p.errno = E.EAGAIN
+                else:
+                    self._resynced()
             elif p.kind == P.Kind.RESYNC_BEGIN and not errno:
                 self._peer_outdated_from = seq
         p.done.set()
@@ -287,6 +296,7 @@ class Mirror:
         if not self.state.get("peer_outdated"):
             raise PeerError("the peer must be marked out of date before it is resynchronised")
         self.on_failed = on_failed
+        self._spoiled = False
         self._resyncs_begun += 1
         self._peer_outdated_from = float("inf")
         self._set(Link.RESYNC)
@@ -631,10 +641,16 @@ class Mirror:
         return await self.settled_without(self._resyncs_begun, why)
 
     async def diverged(self, reason: str) -> None:
-        """The peer's copy no longer equals ours. Under policy block, what is in flight
-        on a live link still gets its answers (see settled_without)."""
+        """The peer's copy no longer equals ours (the caller journaled what differs).
+        Under policy block, what is in flight on a live link still gets its answers (see
+        settled_without). During a resync, which the caller gave the items, the peer is
+        out of date already: that resync's RESYNC_DONE, if it is on its way, does not
+        count (its walk may have ended before the items were queued)."""
         if self.link in (Link.CONNECTED, Link.RECONNECTING):
             await self._outdate(reason, release=self.policy == Policy.ALONE)
+        elif self.link == Link.RESYNC:
+            log.warning("%s: the resynchronisation handles it again", reason)
+            self._spoiled = True
 
     async def call(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> None:
         await self.finish(await self.begin(kind, fields, compress=compress))

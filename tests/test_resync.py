@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -801,3 +802,57 @@ def test_a_former_primary_with_changes_the_peer_lacks_is_resynchronised(make_pai
     with open(f"/proc/self/fd/{pair.primary.backing_fd}/f", "rb") as f:
         assert f.read() == b"both nodes have this"
     assert not pair.backing_difference()
+
+
+def _immutable(node, name: str, on: bool) -> None:
+    """chattr +i/-i on the backing file, behind the agent's back."""
+    subprocess.run(["chattr", "+i" if on else "-i", f"/proc/self/fd/{node.backing_fd}/{name}"],
+                   check=True, pass_fds=[node.backing_fd])
+
+
+@pytest.mark.parametrize("op", ["unlink", "rename"])
+def test_a_change_refused_here_but_applied_on_the_peer_is_repaired(make_pair, op):
+    """An unlink or rename has no undo: when it fails here (an immutable file, an I/O
+    error) after the peer applied it, the peer is marked out of date and resynchronised.
+    The failed change was not journaled, so the resync that followed (from the journal)
+    did not look at its directory: the peer's copy went on lacking the file, counted as
+    up to date."""
+    pair = make_pair(policy="block", timeout=5.0).start()
+    write(pair.primary.path("keep"), b"the primary keeps this file")
+    pair.assert_identical()
+    _immutable(pair.primary, "keep", True)
+    try:
+        with pytest.raises(PermissionError):
+            if op == "unlink":
+                os.unlink(pair.primary.path("keep"))
+            else:
+                os.rename(pair.primary.path("keep"), pair.primary.path("moved"))
+    finally:
+        _immutable(pair.primary, "keep", False)
+    wait_resynced(pair)
+    pair.assert_identical()
+
+
+def test_a_change_refused_here_during_a_resync_is_handled_again_by_it(make_pair):
+    """The same as above while a resync runs, after it walked the directory: the resync
+    must handle it again before it ends (it had counted a/ done, and the journal entry
+    made for the change was cleared when it ended)."""
+    pair = slow_resync_pair(make_pair)
+    pair.replica.stop()
+    write(pair.primary.path("a", "keep"), b"the primary keeps this file")   # new for the peer
+    write(pair.primary.path("m", "big"), os.urandom(4 << 20))
+    pair.mount_replica()
+    reconnect(pair)
+    # The resync walks a/, then m/ (big sent at 1 MB/s), then y/.
+    wait_for(lambda: os.path.exists(pair.replica.path("a", "keep")), timeout=30,
+             what="the resync to reach a/")
+    _immutable(pair.primary, "a/keep", True)
+    try:
+        with pytest.raises(PermissionError):
+            os.unlink(pair.primary.path("a", "keep"))
+    finally:
+        _immutable(pair.primary, "a/keep", False)
+    assert link_of(pair.primary) == "resync", "the resync ended too early for this test"
+    assert not os.path.exists(pair.replica.path("a", "keep"))     # applied there
+    wait_resynced(pair)
+    pair.assert_identical()

@@ -35,6 +35,8 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 
+from .workloads import SHORT_WRITE
+
 GAP = 1.0                         # seconds without an attempt that end a window
 QUARANTINE = ".fusemirror-quarantine"
 
@@ -57,16 +59,23 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
-def parse_history(text: str) -> tuple[list[int], int]:
-    """(seqs in file order, number of malformed lines) of a writer.log."""
-    seqs, bad = [], 0
+def parse_history(text: str) -> tuple[list[int], list[str]]:
+    """(seqs in file order, malformed lines) of a writer.log."""
+    seqs, bad = [], []
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0].isdigit():
             seqs.append(int(parts[0]))
         elif line.strip():
-            bad += 1
+            bad.append(line)
     return seqs, bad
+
+
+def _unexplained(bad: list[str], entries: list[dict]) -> int:
+    """Malformed lines that are not what a short write (a full disk: the writer reports it,
+    never acknowledged) left of its record."""
+    short = {f"{e['seq']} {e['node']}" for e in entries if e.get("error") == SHORT_WRITE}
+    return sum(1 for line in bad if not any(r.startswith(line) for r in short))
 
 
 def quarantine_dirs(folders: list[str]) -> list[str]:
@@ -238,7 +247,7 @@ def check_writer(entries: list[dict], history_text: str, quarantine: set[int]) -
         by_node[e["node"]] = by_node.get(e["node"], 0) + 1
     dual, excused = dual_writers(entries, history)
     return WriterCheck(len(acked), by_node, lost, kept, dual, excused,
-                       order_violations(entries, history), bad)
+                       order_violations(entries, history), _unexplained(bad, entries))
 
 
 # --- the client through the VIP ---------------------------------------------------------

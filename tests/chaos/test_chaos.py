@@ -88,6 +88,17 @@ def test_lost_records_and_order_violations():
     assert checker.check_writer(log, "1 x\ngarbage\n2 x\n3 x\n", set()).malformed == 1
 
 
+def test_what_a_short_write_left_is_not_a_malformed_line_nor_an_acknowledgement():
+    # chaos seed 11: a full disk took "454 al" of record 454; 455 followed on its own line
+    log = [ack(453, "alpha", 0.0, 0.1),
+           {"seq": 454, "node": "alpha", "sent": 0.2, "error": "short-write", "at": 0.21},
+           ack(455, "alpha", 0.3, 0.4)]
+    w = checker.check_writer(log, "\n453 alpha\n\n454 al\n455 alpha\n", set())
+    assert w.malformed == 0 and w.lost == [] and w.acked == 2
+    assert checker.check_writer(log, "453 alpha\n\n45\n455 alpha\n", set()).malformed == 0
+    assert checker.check_writer(log, "453 alpha\n\n46\n455 alpha\n", set()).malformed == 1
+
+
 def test_windows_end_at_a_failure_or_a_silence():
     log = [ack(1, "alpha", 0.0, 0.1), ack(2, "alpha", 0.2, 0.3), err(3, "alpha", 0.4, 0.5),
            ack(4, "alpha", 0.6, 0.7), ack(5, "alpha", 5.0, 5.1)]
