@@ -457,15 +457,15 @@ class MirrorFS(pyfuse3.Operations):
 
     async def _diverged(self, mirror: Mirror, reason: str) -> None:
         """The peer applied a change that failed here, and it could not be undone there:
-        what the change touched is journaled, and handled again by a running resync,
-        before the peer is marked out of date. (Nothing was journaled before: the resync
-        that followed, from the journal, never looked at the item, and the peer, counted
-        as up to date, lacked a file whose unlink had been refused here.)"""
-        await self._journal_given_up()
-        change = _CHANGE.get()
-        if self.resync is not None and change is not None:
-            self.resync.touched(change.inos + change.touch, failed=True)
-        await mirror.diverged(reason)
+        what the change touched is journaled, then the peer is marked out of date (or the
+        running resync fails: Mirror.diverged), even if the journal cannot be written.
+        (Nothing was journaled before: the resync that followed, from the journal, never
+        looked at the item, and the peer, counted as up to date, lacked a file whose
+        unlink had been refused here.)"""
+        try:
+            await self._journal_given_up()
+        finally:
+            await mirror.diverged(reason)
 
     def _forget_cached(self, op: str, args: tuple) -> None:
         """A change answered EIO may have been applied here all the same (the peer or the

@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import contextvars
 import enum
-import errno as E
 import logging
 import os
 import time
@@ -133,8 +132,8 @@ class Mirror:
         #                                   operation after this one (the running resync's
         #                                   RESYNC_BEGIN)
         self._resynced_upto = 0          # the resynchronisations begun when one ended
-        self._spoiled = False            # a change made the copies differ during the running
-        #                                  resync: its next RESYNC_DONE does not count
+        self.spoiled: str | None = None  # why the running resync no longer counts: a change
+        #                                  made the copies differ meanwhile (see diverged)
         self._lost_at = 0.0
         self._nursery: trio.Nursery | None = None
         self._retiring = False
@@ -275,12 +274,7 @@ class Mirror:
                 p.requeued = True
                 self.on_failed(p)
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
-                if self._spoiled:
-                    # A change refused here after the peer applied it (see diverged): the
-                    # resync goes on, with its items queued, and asks again.
-                    self._spoiled = False
-                    p.errno = E.EAGAIN
-                else:
+                if not self.spoiled:       # (else the resync fails: see diverged)
                     self._resynced()
             elif p.kind == P.Kind.RESYNC_BEGIN and not errno:
                 self._peer_outdated_from = seq
@@ -296,7 +290,7 @@ class Mirror:
         if not self.state.get("peer_outdated"):
             raise PeerError("the peer must be marked out of date before it is resynchronised")
         self.on_failed = on_failed
-        self._spoiled = False
+        self.spoiled = None
         self._resyncs_begun += 1
         self._peer_outdated_from = float("inf")
         self._set(Link.RESYNC)
@@ -643,14 +637,19 @@ class Mirror:
     async def diverged(self, reason: str) -> None:
         """The peer's copy no longer equals ours (the caller journaled what differs).
         Under policy block, what is in flight on a live link still gets its answers (see
-        settled_without). During a resync, which the caller gave the items, the peer is
-        out of date already: that resync's RESYNC_DONE, if it is on its way, does not
-        count (its walk may have ended before the items were queued)."""
+        settled_without). During a resync the peer is out of date already, but that
+        resync may have passed the items (or a moved subtree), and its RESYNC_DONE may be
+        on its way: it no longer counts. It fails (Resync._check), and the next attempt
+        works from the journal. Until that one's RESYNC_BEGIN is acknowledged, no change
+        goes on without the peer because the peer counts itself out of date: it may have
+        taken the spoiled RESYNC_DONE."""
         if self.link in (Link.CONNECTED, Link.RECONNECTING):
             await self._outdate(reason, release=self.policy == Policy.ALONE)
-        elif self.link == Link.RESYNC:
-            log.warning("%s: the resynchronisation handles it again", reason)
-            self._spoiled = True
+        elif self.link == Link.RESYNC and not self.spoiled:
+            log.warning("%s: this resynchronisation no longer counts; the next one compares "
+                        "it", reason)
+            self.spoiled = reason
+            self._peer_outdated_from = float("inf")
 
     async def call(self, kind: P.Kind, fields: dict, *, compress: bool = False) -> None:
         await self.finish(await self.begin(kind, fields, compress=compress))

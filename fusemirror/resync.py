@@ -314,6 +314,8 @@ class Resync:
             await p.done.wait()
             if p.lost:
                 raise ResyncFailed("the link was lost")
+            if m.spoiled:
+                self._check()
             if p.errno == E.EAGAIN:
                 self._check()
                 continue        # a change failed there meanwhile: its items are queued
@@ -370,6 +372,8 @@ class Resync:
     def _check(self) -> None:
         if self._failure:
             raise ResyncFailed(self._failure)
+        if self.mirror.spoiled:
+            raise ResyncFailed(f"the copies differ again ({self.mirror.spoiled})")
         if self.mirror.link != Link.RESYNC:
             raise ResyncFailed(f"the link is {self.mirror.link.value}")
 
