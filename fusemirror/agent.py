@@ -266,6 +266,7 @@ class Agent:
         return True
 
     async def _resync(self, mirror: Mirror, r: Resync, scope: trio.CancelScope) -> None:
+        spoiled = False
         try:
             with scope:
                 await r.run()
@@ -277,12 +278,18 @@ class Agent:
                 log.exception("resynchronisation stopped by an unexpected error")
             r.progress["state"] = "failed"
             self.resync_error = str(e)
-            self._resync_failures += 1
-            log.error("resynchronisation of %s:%s failed: %s; the peer stays out of date",
-                      *mirror.peer, e)
+            # An attempt spoiled by a change refused here (Mirror.diverged) says nothing
+            # about the peer: the next one starts at once, without adding to the pause.
+            spoiled = mirror.spoiled is not None
+            if not spoiled:
+                self._resync_failures += 1
+            log.error("resynchronisation of %s:%s failed: %s; the peer stays out of date%s",
+                      *mirror.peer, e, "; trying again at once" if spoiled else "")
         finally:
             self._resyncing = False
-        if self._resync_failures and mirror.link.value == "outdated":
+        if spoiled and mirror.link.value == "outdated":
+            self._maybe_resync(mirror)
+        elif self._resync_failures and mirror.link.value == "outdated":
             # The link is still there: try again. Giving up after a few attempts left a
             # peer out of date for good under a busy application (a directory changed
             # faster than the resync could settle it) or a passing ENOSPC there.

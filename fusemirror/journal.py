@@ -168,6 +168,12 @@ class Journal:
         self._owe_everything = False              # a flush failed: the next one says all
         self.syncs = 0                    # fdatasyncs done (for tests and /metrics)
 
+    @property
+    def owes_everything(self) -> bool:
+        """A flush failed: its marks were taken back, so a resync must compare everything
+        (the next flush records it)."""
+        return self._owe_everything
+
     # -- marking ------------------------------------------------------------------------------
 
     async def mark_data(self, ino: int, offset: int, length: int) -> None:

@@ -276,7 +276,7 @@ class Mirror:
             elif p.kind == P.Kind.RESYNC_DONE and not errno:
                 if not self.spoiled:       # (else the resync fails: see diverged)
                     self._resynced()
-            elif p.kind == P.Kind.RESYNC_BEGIN and not errno:
+            elif p.kind == P.Kind.RESYNC_BEGIN and not errno and not self.spoiled:
                 self._peer_outdated_from = seq
         p.done.set()
         self._window.release(p.size)

@@ -218,7 +218,8 @@ class Resync:
                 # A change that started before and failed on the peer journaled itself
                 # after this resync's copy of the journal was taken.
                 self.dirty.add(fs.journal.dirty)
-                if self.dirty.everything:
+                if self.dirty.everything or fs.journal.owes_everything:
+                    # (a journal write failed: what it was to record is unknown)
                     self.dirty = None
                     self.progress["full"] = True
             await self._begin()
@@ -307,6 +308,7 @@ class Resync:
                 continue
             self.progress["state"] = "finishing"
             await self._rebind_all()
+            self._check()           # (spoiled meanwhile: no RESYNC_DONE for the peer to take)
             p = await m.begin(K.RESYNC_DONE, {}, patient=True)
             if p is None:
                 self._check()

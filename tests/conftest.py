@@ -9,6 +9,7 @@ fusemirror's own `verify`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -24,6 +25,7 @@ import time
 
 import pytest
 
+from fusemirror import control
 from fusemirror.statefile import escape
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +141,10 @@ class Node:
 
     def close(self) -> None:
         self.stop()
+        # An agent killed by the test (SIGKILL) leaves its control socket in /run/fusemirror
+        # (79 of them had piled up on this machine); its agent is gone now.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control.socket_path(os.path.realpath(self.dir)))
         if self.backing_fd is not None:
             os.close(self.backing_fd)
             self.backing_fd = None

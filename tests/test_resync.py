@@ -872,3 +872,4 @@ def test_a_change_refused_here_during_a_resync_makes_the_next_attempt_compare_it
     assert not os.path.exists(pair.replica.path(name))                 # applied there
     wait_resynced(pair)
     pair.assert_identical()
+    assert "failed: the copies differ again" in pair.primary.log()      # the spoiled attempt
