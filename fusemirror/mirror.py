@@ -665,18 +665,24 @@ class Mirror:
             raise PeerError("the peer's manifest did not arrive whole (link lost or resumed)")
         return b"".join(p.chunks)
 
+    def _last_awaited(self) -> Pending | None:
+        """The latest operation sent whose answer is still awaited. A PING, which nobody
+        waits for, has its event set when it is sent but stays pending until answered:
+        drain spun on it (until its answer, or the timeout on a dead link), and
+        sync_point, finding it last, did not wait for what was sent before it."""
+        seq = max((s for s, p in self._pending.items() if not p.done.is_set()), default=None)
+        return None if seq is None else self._pending[seq]
+
     async def sync_point(self) -> None:
         """Wait until what was sent so far is acknowledged (what is sent meanwhile is
         not waited for, unlike drain)."""
-        if self._pending:
-            await self._pending[max(self._pending)].done.wait()
+        if (p := self._last_awaited()) is not None:
+            await p.done.wait()
 
     async def drain(self) -> None:
-        """Wait until every operation sent so far is acknowledged (or given up). A PING,
-        which nobody waits for (its event is set when sent), is not waited for: the loop
-        spun on it until its answer came, or the timeout on a dead link."""
-        while waiting := [seq for seq, p in self._pending.items() if not p.done.is_set()]:
-            await self._pending[max(waiting)].done.wait()
+        """Wait until every operation sent so far is acknowledged (or given up)."""
+        while (p := self._last_awaited()) is not None:
+            await p.done.wait()
 
     async def close(self, drain: bool = True) -> bool:
         """Say goodbye and close. With drain, first wait (up to the timeout) for what is

@@ -116,7 +116,6 @@ def test_op_waiting_for_window_when_peer_lost_is_answered(make_pair):
             mk.wait(10)
 
 
-
 def test_a_peer_declared_lost_is_not_waited_for_on_the_switch_to_alone(make_pair):
     """CI finding: the controller decided the peer was gone (its replication network cut)
     and switched the agent to alone with peer_lost. The agent released what waited for
